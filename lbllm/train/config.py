@@ -1,0 +1,128 @@
+"""Run arguments and the DeepSpeed config: typed, validated before anything starts.
+
+Batch arithmetic follows DeepSpeed's rule (train_batch_size = micro x accumulation x
+world) but is checked here first, so a wrong config is one clear line instead of an
+assertion deep in engine start-up.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A run argument or DeepSpeed config entry that cannot be used."""
+
+
+@dataclass
+class RunConfig:
+    deepspeed_config: Path
+    data_dir: Path
+    output_dir: Path
+    tokenizer: Path | None = None  # default: <data_dir>/../tokenizer
+    model_config: str = "tiny"  # size name or BertConfig JSON path
+    max_steps: int | None = None  # steps to run now; default: the schedule's total_num_steps
+    seed: int = 42
+    dropout: float | None = None  # None keeps BERT's 0.1
+    phase: int = 1
+    init_checkpoint: Path | None = None  # a phase-1 output dir: weights + optimizer moments
+    resume: str | None = None  # "auto": continue from the newest checkpoint in output_dir
+    save_interval: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    max_seq_length: int | None = None  # optional check against the shards
+
+    def __post_init__(self) -> None:
+        for name in ("deepspeed_config", "data_dir", "output_dir", "tokenizer", "init_checkpoint"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+        if self.phase not in (1, 2):
+            raise ConfigError(f"--phase {self.phase}: must be 1 or 2")
+        if self.phase == 2 and self.init_checkpoint is None and self.resume is None:
+            raise ConfigError("--phase 2 continues from phase 1: pass --init_checkpoint PHASE1_OUTPUT_DIR")
+        if self.resume not in (None, "auto"):
+            raise ConfigError(f"--resume {self.resume!r}: only 'auto' is supported")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"--max_steps {self.max_steps}: must be >= 0")
+        if self.save_interval < 0:
+            raise ConfigError(f"--save_interval {self.save_interval}: must be >= 0")
+        if not self.deepspeed_config.is_file():
+            raise ConfigError(f"--deepspeed_config {self.deepspeed_config}: file not found")
+        if not self.data_dir.is_dir():
+            raise ConfigError(
+                f"--data_dir {self.data_dir}: directory not found (prepare it with data_prep/create_shards.py)"
+            )
+        if self.tokenizer is None:
+            self.tokenizer = self.data_dir.parent / "tokenizer"
+        if not (self.tokenizer / "tokenizer_config.json").is_file():
+            raise ConfigError(
+                f"--tokenizer {self.tokenizer}: no tokenizer there (build one with data_prep/build_tokenizer.py "
+                "or pass --tokenizer DIR)"
+            )
+        if self.init_checkpoint is not None and not (self.init_checkpoint / "checkpoints" / "latest").is_file():
+            raise ConfigError(
+                f"--init_checkpoint {self.init_checkpoint}: no DeepSpeed checkpoint at "
+                f"{self.init_checkpoint / 'checkpoints'} (pass the output_dir of a finished phase-1 run)"
+            )
+
+
+def load_json_config(path: Path) -> dict:
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: malformed JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return config
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one global batch splits: global = micro x accumulation x world."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+
+
+def resolve_batch_layout(ds_config: dict, world_size: int, source: str = "DeepSpeed config") -> BatchLayout:
+    """Fill in the one missing value of (train_batch_size, micro, accumulation) or check all three."""
+    total = ds_config.get("train_batch_size")
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    accum = ds_config.get("gradient_accumulation_steps")
+    for key, value in (("train_batch_size", total), ("train_micro_batch_size_per_gpu", micro),
+                       ("gradient_accumulation_steps", accum)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{source}: {key}={value!r} must be a positive integer")
+    if total is not None and micro is not None and accum is None:
+        accum, rem = divmod(total, micro * world_size)
+        if rem or accum == 0:
+            raise ConfigError(
+                f"{source}: train_batch_size={total} is not a multiple of train_micro_batch_size_per_gpu={micro} "
+                f"x world_size={world_size}; change one of them"
+            )
+    elif total is not None and accum is not None and micro is None:
+        micro, rem = divmod(total, accum * world_size)
+        if rem or micro == 0:
+            raise ConfigError(
+                f"{source}: train_batch_size={total} is not a multiple of gradient_accumulation_steps={accum} "
+                f"x world_size={world_size}; change one of them"
+            )
+    elif total is None and micro is not None:
+        accum = accum or 1
+        total = micro * accum * world_size
+    elif total is not None and micro is None and accum is None:
+        accum = 1
+        micro, rem = divmod(total, world_size)
+        if rem or micro == 0:
+            raise ConfigError(f"{source}: train_batch_size={total} is not a multiple of world_size={world_size}")
+    elif total is None:
+        raise ConfigError(f"{source}: set train_batch_size and train_micro_batch_size_per_gpu")
+    if total != micro * accum * world_size:
+        raise ConfigError(
+            f"{source}: train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "
+            f"gradient_accumulation_steps={accum} x world_size={world_size} (= {micro * accum * world_size}); "
+            "fix one of them or drop gradient_accumulation_steps to let it be derived"
+        )
+    return BatchLayout(total, micro, accum, world_size)

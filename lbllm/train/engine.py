@@ -1,0 +1,158 @@
+"""deepspeed.initialize with the project's optimizers and schedules resolved by name.
+
+`optimizer.type` and `scheduler.type` of a DeepSpeed config may name a project optimizer
+(lbllm.optim registry: LAMB, LARS and variants) or schedule (lbllm.schedules); those are
+built here and handed to DeepSpeed as client objects. Any other type must be one of
+DeepSpeed's own and is left in the config for DeepSpeed to build. Project optimizers are
+checked before DeepSpeed's names, so `LAMB` means lbllm's LAMB (DeepSpeed's FusedLamb
+needs CUDA and computes trust ratios per ZeRO slice).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from lbllm.optim import build_param_groups, create_optimizer, get_optimizer_record, list_optimizers
+from lbllm.schedules import build_scheduler, is_project_schedule, list_schedules
+from lbllm.train.config import BatchLayout, ConfigError, resolve_batch_layout
+
+# DeepSpeed's own optimizer and schedule names (kept here so they are validated before
+# DeepSpeed starts; importing deepspeed.runtime.config is cheap once deepspeed is loaded).
+try:
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS as _DS_OPTIMIZERS
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES as _DS_SCHEDULES
+except ImportError:  # pragma: no cover - deepspeed is a core dependency
+    _DS_OPTIMIZERS, _DS_SCHEDULES = [], []
+
+
+def ensure_distributed_env() -> None:
+    """Let `python pretrain_bert.py` run as a world of one without a launcher.
+
+    DeepSpeed falls back to MPI discovery when RANK/WORLD_SIZE are unset; a single plain
+    process has neither, so we describe it explicitly (on a free local port).
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+@dataclass
+class ResolvedConfig:
+    """A DeepSpeed config split into what DeepSpeed builds and what the project builds."""
+
+    ds_config: dict  # handed to deepspeed.initialize
+    layout: BatchLayout
+    optimizer_name: str
+    optimizer_params: dict
+    project_optimizer: bool
+    scheduler_factory: Callable | None  # project schedule factory, or None
+    total_num_steps: int | None  # schedule horizon, when the schedule states one
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def peak_lr(self) -> float | None:
+        return self.optimizer_params.get("lr")
+
+
+def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
+    """Validate a DeepSpeed config and pull out the project-built optimizer and schedule."""
+    ds = copy.deepcopy(raw)
+    layout = resolve_batch_layout(ds, world_size, source)
+    ds["train_batch_size"] = layout.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = layout.micro_batch_size
+    ds["gradient_accumulation_steps"] = layout.gradient_accumulation_steps
+
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or "type" not in opt:
+        raise ConfigError(f"{source}: needs an \"optimizer\": {{\"type\": ..., \"params\": {{...}}}} section")
+    name, params = opt["type"], dict(opt.get("params", {}))
+    try:
+        record = get_optimizer_record(name)
+    except ValueError:
+        record = None
+    if record is not None:
+        project_optimizer = True
+        name = record.name
+        del ds["optimizer"]
+        # DeepSpeed only wraps optimizers it knows unless told the client one is fine;
+        # lbllm's optimizers are tested under every ZeRO stage.
+        ds["zero_allow_untested_optimizer"] = True
+    elif name.lower() in _DS_OPTIMIZERS:
+        project_optimizer = False
+    else:
+        raise ConfigError(
+            f"{source}: optimizer.type {name!r} is unknown; project optimizers: {', '.join(list_optimizers())}; "
+            f"DeepSpeed optimizers: {', '.join(_DS_OPTIMIZERS)}"
+        )
+
+    factory, total = None, None
+    sched = ds.get("scheduler")
+    if sched is not None:
+        if not isinstance(sched, dict) or "type" not in sched:
+            raise ConfigError(f"{source}: scheduler section needs a \"type\"")
+        sparams = sched.get("params", {})
+        total = sparams.get("total_num_steps")
+        if is_project_schedule(sched["type"]):
+            factory = build_scheduler(sched["type"], sparams)
+            del ds["scheduler"]
+        elif sched["type"] not in _DS_SCHEDULES:
+            raise ConfigError(
+                f"{source}: scheduler.type {sched['type']!r} is unknown; project schedules: "
+                f"{', '.join(list_schedules())}; DeepSpeed schedules: {', '.join(_DS_SCHEDULES)}"
+            )
+    return ResolvedConfig(ds, layout, name, params, project_optimizer, factory, total)
+
+
+def build_optimizer(model: torch.nn.Module, resolved: ResolvedConfig) -> torch.optim.Optimizer | None:
+    """The project optimizer, or None when DeepSpeed builds its own from the config."""
+    if not resolved.project_optimizer:
+        return None
+    return create_optimizer(resolved.optimizer_name, model, **resolved.optimizer_params)
+
+
+def initialize(model: torch.nn.Module, resolved: ResolvedConfig) -> tuple[Any, torch.optim.Optimizer]:
+    """deepspeed.initialize with the resolved pieces; returns (engine, base optimizer)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, resolved)
+    if optimizer is None:
+        # DeepSpeed's optimizer gets the same decay / no-decay groups as ours.
+        wd = resolved.optimizer_params.get("weight_decay", 0.0)
+        model_parameters: Any = build_param_groups(model, wd)
+    else:
+        model_parameters = None
+    engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        lr_scheduler=resolved.scheduler_factory,
+        config=resolved.ds_config,
+    )
+    return engine, base_optimizer(engine)
+
+
+def base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The optimizer that owns the moments (under ZeRO / bf16 wrappers, their `.optimizer`)."""
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer") and isinstance(getattr(opt, "optimizer"), torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt

@@ -1,0 +1,165 @@
+"""pretrain_bert.py end to end: one process, two DeepSpeed ranks, phase 1 -> phase 2,
+resume, and the one-line errors. Each run is a real DeepSpeed engine on CPU (gloo)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import deepspeed_cmd, run_cli, write_ds_config
+from lbllm.train.metrics import read_metrics
+
+REQUIRED = {"step", "loss", "lr", "global_batch_size", "samples", "seq_per_s"}
+
+
+def pretrain(data, out, config, *extra, procs: int = 1, shards: str = "shards_64", check=True):
+    launcher = deepspeed_cmd(procs) if procs > 1 else [sys.executable]
+    return run_cli(*launcher, "pretrain_bert.py", "--deepspeed_config", config, "--data_dir", data / shards,
+                   "--output_dir", out, "--model_config", "tiny", "--seed", "3", *extra, check=check)
+
+
+def test_single_process_run_writes_metrics_and_hf_model(tiny_data, tmp_path):
+    from transformers import AutoModelForPreTraining, AutoModelForQuestionAnswering, AutoTokenizer
+
+    cfg = write_ds_config(tmp_path / "ds.json")
+    out = tmp_path / "out"
+    pretrain(tiny_data, out, cfg, "--max_steps", "3")
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(REQUIRED <= r.keys() for r in rows)
+    assert [r["samples"] for r in rows] == [8, 16, 24]
+    assert rows[0]["lr"] == pytest.approx(0.5e-3) and rows[1]["lr"] == pytest.approx(1e-3)  # warmup 2 steps
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    model = AutoModelForPreTraining.from_pretrained(out / "final")
+    AutoModelForQuestionAnswering.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(tok)
+
+
+def test_two_rank_zero2_phase1_then_phase2(tiny_data, tmp_path):
+    """Phase 1 on seq 64 with 2 DeepSpeed ranks (ZeRO 2, LAMB), then phase 2 on seq 128 from it."""
+    from transformers import AutoModelForPreTraining
+
+    p1_cfg = write_ds_config(tmp_path / "p1.json", train_batch_size=16, train_micro_batch_size_per_gpu=4,
+                             zero_optimization={"stage": 2})
+    p2_cfg = write_ds_config(tmp_path / "p2.json", train_batch_size=8, train_micro_batch_size_per_gpu=2,
+                             optimizer={"type": "LAMB", "params": {"lr": 5e-4, "weight_decay": 0.01}},
+                             scheduler={"type": "WarmupPolyDecay", "params": {"warmup_num_steps": 2, "total_num_steps": 3}},
+                             zero_optimization={"stage": 2})
+    p1, p2 = tmp_path / "p1", tmp_path / "p2"
+    pretrain(tiny_data, p1, p1_cfg, "--max_steps", "3", "--dropout", "0", procs=2)
+    rows1 = read_metrics(p1 / "metrics.jsonl")
+    assert [r["global_batch_size"] for r in rows1] == [16] * 3
+    assert rows1[-1]["samples"] == 48
+
+    proc = pretrain(tiny_data, p2, p2_cfg, "--phase", "2", "--init_checkpoint", p1, "--dropout", "0",
+                    procs=2, shards="shards_128")
+    assert "optimizer moments" in proc.stderr
+    rows2 = read_metrics(p2 / "metrics.jsonl")
+    # step count, samples and the schedule restart: re-warmup from lr/2 at phase-2 peak 5e-4
+    assert [r["step"] for r in rows2] == [1, 2, 3]
+    assert [r["samples"] for r in rows2] == [8, 16, 24]
+    assert [r["lr"] for r in rows2] == pytest.approx([2.5e-4, 5e-4, 0.0])
+    assert all(r["phase"] == 2 for r in rows2)
+    # phase 2 starts from phase-1 weights: its first loss is far below a fresh model's
+    fresh = tmp_path / "fresh"
+    pretrain(tiny_data, fresh, p2_cfg, "--max_steps", "1", "--dropout", "0", procs=1, shards="shards_128")
+    assert rows2[0]["mlm_loss"] < read_metrics(fresh / "metrics.jsonl")[0]["mlm_loss"]
+    m1 = AutoModelForPreTraining.from_pretrained(p1 / "final")
+    m2 = AutoModelForPreTraining.from_pretrained(p2 / "final")
+    w1, w2 = m1.bert.embeddings.word_embeddings.weight, m2.bert.embeddings.word_embeddings.weight
+    assert not torch.equal(w1, w2)
+    assert (w1 - w2).abs().max() < 0.1  # moved by 3 small steps, not re-initialized
+
+
+def test_phase2_carries_moments_and_resets_step(tiny_data, tmp_path):
+    """In-process: after init_from_previous_phase, LAMB's moments equal phase 1's, step is 0."""
+    import os
+
+    from lbllm.train import checkpoint as ckpt
+    from lbllm.train.config import RunConfig
+    from lbllm.train.engine import base_optimizer, ensure_distributed_env, initialize
+    from lbllm.train.trainer import Trainer, prepare
+    from lbllm.model import PretrainingModel, build_pretraining_model
+
+    ensure_distributed_env()
+    cfg = write_ds_config(tmp_path / "ds.json", zero_optimization={"stage": 1})
+    p1 = tmp_path / "p1"
+    setup = prepare(RunConfig(deepspeed_config=cfg, data_dir=tiny_data / "shards_64", output_dir=p1, max_steps=2, dropout=0.0))
+    Trainer(setup).train()
+    saved = torch.load(sorted((p1 / "checkpoints" / "step00000002").glob("*optim_states.pt"))[0], weights_only=False)
+
+    cfg2 = write_ds_config(tmp_path / "ds2.json", optimizer={"type": "LAMB", "params": {"lr": 7e-4, "weight_decay": 0.02}},
+                           zero_optimization={"stage": 1})
+    setup2 = prepare(RunConfig(deepspeed_config=cfg2, data_dir=tiny_data / "shards_128", output_dir=tmp_path / "p2",
+                               phase=2, init_checkpoint=p1, dropout=0.0))
+    engine, opt = initialize(PretrainingModel(build_pretraining_model(setup2.bert_config)), setup2.resolved)
+    ckpt.init_from_previous_phase(engine, p1)
+    opt = base_optimizer(engine)
+    assert all(g["step"] == 0 for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == 0.02  # phase-2 hyperparameters, not phase 1's
+    assert opt.param_groups[0]["lr"] == pytest.approx(3.5e-4)  # first warmup step of the phase-2 schedule
+    base_state = saved["optimizer_state_dict"]["base_optimizer_state"]
+    old = base_state["state"] if isinstance(base_state, dict) else base_state[0]["state"]
+    new = opt.state_dict()["state"]
+    assert old.keys() == new.keys()
+    for k in old:
+        torch.testing.assert_close(new[k]["exp_avg"], old[k]["exp_avg"], rtol=0, atol=0)
+        assert new[k]["exp_avg"].abs().sum() > 0
+    assert engine.global_steps == 0
+
+
+def test_resume_auto_continues_exactly(tiny_data, tmp_path):
+    """Stop after 2 of 4 steps, resume: the losses equal an uninterrupted 4-step run."""
+    cfg = write_ds_config(tmp_path / "ds.json", zero_optimization={"stage": 1})
+    full, part = tmp_path / "full", tmp_path / "part"
+    pretrain(tiny_data, full, cfg, "--max_steps", "4", "--dropout", "0")
+    pretrain(tiny_data, part, cfg, "--max_steps", "2", "--dropout", "0")
+    proc = pretrain(tiny_data, part, cfg, "--max_steps", "4", "--dropout", "0", "--resume", "auto")
+    assert "resumed from step 2" in proc.stderr
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["samples"] for r in b] == [r["samples"] for r in a]
+    assert [r["lr"] for r in b] == pytest.approx([r["lr"] for r in a], rel=1e-12)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+
+
+def test_bf16_run(tiny_data, tmp_path):
+    cfg = write_ds_config(tmp_path / "ds.json", bf16={"enabled": True}, zero_optimization={"stage": 1})
+    out = tmp_path / "out"
+    pretrain(tiny_data, out, cfg, "--max_steps", "2")
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert (out / "final" / "config.json").is_file()
+
+
+def _expect_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_errors_are_one_line_before_any_output(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    good = write_ds_config(tmp_path / "good.json")
+    _expect_error(run_cli(sys.executable, "pretrain_bert.py", "--deepspeed_config", good, "--data_dir",
+                          tmp_path / "nope", "--output_dir", out, check=False), "--data_dir", "create_shards.py")
+    bad_opt = write_ds_config(tmp_path / "bad_opt.json", optimizer={"type": "Lamby", "params": {}})
+    _expect_error(pretrain(tiny_data, out, bad_opt, check=False), "Lamby", "LAMB", "LARS")
+    bad_batch = write_ds_config(tmp_path / "bad_batch.json", train_batch_size=8, train_micro_batch_size_per_gpu=4,
+                                gradient_accumulation_steps=3)
+    _expect_error(pretrain(tiny_data, out, bad_batch, check=False), "train_batch_size=8")
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "intermediate_size": 64, "max_position_embeddings": 32}))
+    _expect_error(run_cli(sys.executable, "pretrain_bert.py", "--deepspeed_config", good, "--data_dir",
+                          tiny_data / "shards_64", "--output_dir", out, "--model_config", small, check=False),
+                  "max_position_embeddings is 32")
+    _expect_error(pretrain(tiny_data, out, good, "--tokenizer", tmp_path, check=False), "--tokenizer")
+    (tmp_path / "malformed.json").write_text("{not json")
+    _expect_error(pretrain(tiny_data, out, tmp_path / "malformed.json", check=False), "malformed JSON")
+    assert not out.exists()
