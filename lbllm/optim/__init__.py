@@ -1,0 +1,31 @@
+"""Large-batch optimizers (LAMB, LARS and variants) and their registry.
+
+    from lbllm.optim import create_optimizer, list_optimizers
+    opt = create_optimizer("LAMB", model, lr=6e-3)   # decay / no-decay groups built for you
+"""
+
+from .lamb import Lamb
+from .lars import Lars
+from .param_groups import LayerwiseOptimizer, build_param_groups, describe_param_groups
+from .registry import (
+    OptimizerRecord,
+    UnknownOptimizerError,
+    create_optimizer,
+    get_optimizer_record,
+    list_optimizers,
+    register_optimizer,
+)
+
+__all__ = [
+    "Lamb",
+    "Lars",
+    "LayerwiseOptimizer",
+    "OptimizerRecord",
+    "UnknownOptimizerError",
+    "build_param_groups",
+    "create_optimizer",
+    "describe_param_groups",
+    "get_optimizer_record",
+    "list_optimizers",
+    "register_optimizer",
+]
