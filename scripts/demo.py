@@ -69,7 +69,8 @@ class Demo:
 
     def prepare_data(self) -> None:
         self.sh("generate the synthetic corpus + SQuAD files", [
-            PY, "data_prep/make_corpus.py", "--out", self.data, "--num_docs", str(self.a.num_docs), "--seed", str(self.a.seed)])
+            PY, "data_prep/make_corpus.py", "--out", self.data, "--num_docs", str(self.a.num_docs), "--seed", str(self.a.seed),
+            "--squad_train", str(self.a.squad_train), "--squad_dev", str(self.a.squad_dev)])
         corpus = sorted(glob.glob(str(self.data / "corpus" / "*.txt")))
         self.sh("train the WordPiece tokenizer", [
             PY, "data_prep/build_tokenizer.py", "--input", *corpus, "--vocab_size", str(self.a.vocab_size),
@@ -143,13 +144,16 @@ def render_table(runs: list[dict]) -> str:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--num_docs", type=int, default=3000)
+    p.add_argument("--num_docs", type=int, default=2000,
+                   help="corpus size; the demo configs' step counts are sized for ~2 epochs of the default")
+    p.add_argument("--squad_train", type=int, default=2000)
+    p.add_argument("--squad_dev", type=int, default=500)
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--dupe_factor", type=int, default=1)
     p.add_argument("--model_config", default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--squad_epochs", type=float, default=2)
-    p.add_argument("--squad_lr", type=float, default=1e-3)
+    p.add_argument("--squad_lr", type=float, default=5e-4)
     return p.parse_args()
 
 

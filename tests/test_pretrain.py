@@ -150,6 +150,8 @@ def test_errors_are_one_line_before_any_output(tiny_data, tmp_path):
                           tmp_path / "nope", "--output_dir", out, check=False), "--data_dir", "create_shards.py")
     bad_opt = write_ds_config(tmp_path / "bad_opt.json", optimizer={"type": "Lamby", "params": {}})
     _expect_error(pretrain(tiny_data, out, bad_opt, check=False), "Lamby", "LAMB", "LARS")
+    bad_key = write_ds_config(tmp_path / "bad_key.json", optimizer={"type": "LAMB", "params": {"lr": 1e-3, "beta1": 0.9}})
+    _expect_error(pretrain(tiny_data, out, bad_key, check=False), "beta1", "valid keys", "betas")
     bad_batch = write_ds_config(tmp_path / "bad_batch.json", train_batch_size=8, train_micro_batch_size_per_gpu=4,
                                 gradient_accumulation_steps=3)
     _expect_error(pretrain(tiny_data, out, bad_batch, check=False), "train_batch_size=8")

@@ -44,6 +44,19 @@ def ensure_distributed_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def configure_cpu_threads() -> None:
+    """On CPU, split the cores among the ranks of this node.
+
+    Each process would otherwise start one compute thread per core, and K ranks on one
+    machine would oversubscribe it K times over (slower than one rank). An explicit
+    OMP_NUM_THREADS (or the launcher's --bind_cores_to_rank) wins.
+    """
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -92,6 +105,13 @@ def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
     if record is not None:
         project_optimizer = True
         name = record.name
+        valid = record.valid_kwargs()
+        unknown = sorted(set(params) - valid) if valid is not None else []
+        if unknown:
+            raise ConfigError(
+                f"{source}: optimizer.params has unknown key(s) {', '.join(unknown)} for {name}; "
+                f"valid keys: {', '.join(sorted(valid))}"
+            )
         del ds["optimizer"]
         # DeepSpeed only wraps optimizers it knows unless told the client one is fine;
         # lbllm's optimizers are tested under every ZeRO stage.

@@ -27,6 +27,7 @@ from lbllm.train import checkpoint as ckpt
 from lbllm.train.config import ConfigError, RunConfig, load_json_config
 from lbllm.train.engine import (
     ResolvedConfig,
+    configure_cpu_threads,
     initialize,
     rank_from_env,
     resolve_config,
@@ -95,6 +96,7 @@ class Trainer:
     def train(self) -> dict:
         s, run, layout = self.s, self.run, self.s.resolved.layout
         seed_everything(run.seed)
+        configure_cpu_threads()
         hf_model = build_pretraining_model(s.bert_config)
         model = PretrainingModel(hf_model)
         engine, opt = initialize(model, s.resolved)
