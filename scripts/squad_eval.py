@@ -16,18 +16,14 @@ import sys
 from pathlib import Path
 
 from lbllm.squad.features import SquadFormatError, read_squad_json
+from lbllm.jsonio import read_json
 from lbllm.squad.metrics import evaluate
 
 
 def read_predictions(path: Path) -> dict[str, str]:
     """Load {id: text}; anything else would fail obscurely inside normalization."""
-    if not path.is_file():
-        raise SquadFormatError(f"{path}: file not found; pass the predictions.json written by run_squad.py")
-    try:
-        with open(path, encoding="utf-8") as f:
-            preds = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SquadFormatError(f"{path}: malformed JSON ({err}); regenerate the predictions file") from None
+    preds = read_json(path, SquadFormatError, "pass the predictions.json written by run_squad.py",
+                      "regenerate the predictions file")
     if not isinstance(preds, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in preds.items()):
         raise SquadFormatError(f"{path}: predictions must be a JSON object {{question id: answer text}}")
     return preds

@@ -19,12 +19,13 @@ Conventions shared with postprocess.py and finetune.py:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+
+from lbllm.jsonio import read_json
 from typing import Any, Sequence
 
 import numpy as np
@@ -110,13 +111,8 @@ def read_squad_json(path: str | os.PathLike) -> dict:
     """Load and structurally check a SQuAD v1.1 file, failing with a message a user
     can act on instead of a KeyError deep in preprocessing."""
     path = Path(path)
-    if not path.is_file():
-        raise SquadFormatError(f"{path}: file not found; pass an existing SQuAD v1.1 json file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SquadFormatError(f"{path}: malformed JSON ({err}); regenerate or re-download the file") from None
+    data = read_json(path, SquadFormatError, "pass an existing SQuAD v1.1 json file",
+                     "regenerate or re-download the file")
     _check_structure(data, path)
     return data
 

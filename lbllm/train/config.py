@@ -6,9 +6,10 @@ assertion deep in engine start-up.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from lbllm.jsonio import read_json
 
 
 class ConfigError(ValueError):
@@ -67,10 +68,7 @@ class RunConfig:
 
 
 def load_json_config(path: Path) -> dict:
-    try:
-        config = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: malformed JSON ({exc})") from None
+    config = read_json(path, ConfigError, "pass an existing DeepSpeed JSON config", "fix the file")
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
     return config
