@@ -152,8 +152,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dupe_factor", type=int, default=1)
     p.add_argument("--model_config", default="tiny")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--squad_epochs", type=float, default=2)
-    p.add_argument("--squad_lr", type=float, default=5e-4)
+    p.add_argument("--squad_epochs", type=float, default=3)
+    p.add_argument("--squad_lr", type=float, default=2e-3)
     return p.parse_args()
 
 
