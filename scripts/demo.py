@@ -63,7 +63,7 @@ class Demo:
         self.sh(f"SQuAD v1.1 fine-tune + eval: {name}", [
             PY, "scripts/run_squad.py", "--model_dir", model_dir, "--train_file", self.data / "squad/train.json",
             "--predict_file", self.data / "squad/dev.json", "--output_dir", out, "--epochs", str(self.a.squad_epochs),
-            "--batch_size", "32", "--lr", str(self.a.squad_lr), "--max_seq_length", "192", "--doc_stride", "64",
+            "--batch_size", "16", "--lr", str(self.a.squad_lr), "--max_seq_length", "192", "--doc_stride", "64",
             "--seed", str(self.a.seed)])
         return json.loads((out / "results.json").read_text())
 
@@ -153,7 +153,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model_config", default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--squad_epochs", type=float, default=3)
-    p.add_argument("--squad_lr", type=float, default=2e-3)
+    p.add_argument("--squad_lr", type=float, default=1e-3)
     return p.parse_args()
 
 

@@ -152,6 +152,10 @@ def test_errors_are_one_line_before_any_output(tiny_data, tmp_path):
     _expect_error(pretrain(tiny_data, out, bad_opt, check=False), "Lamby", "LAMB", "LARS")
     bad_key = write_ds_config(tmp_path / "bad_key.json", optimizer={"type": "LAMB", "params": {"lr": 1e-3, "beta1": 0.9}})
     _expect_error(pretrain(tiny_data, out, bad_key, check=False), "beta1", "valid keys", "betas")
+    zero3 = write_ds_config(tmp_path / "zero3.json", zero_optimization={"stage": 3})
+    _expect_error(pretrain(tiny_data, out, zero3, check=False), "stage 3")
+    bf16_stage0 = write_ds_config(tmp_path / "bf16_0.json", bf16={"enabled": True})
+    _expect_error(pretrain(tiny_data, out, bf16_stage0, check=False), "stage 1 or 2")
     bad_batch = write_ds_config(tmp_path / "bad_batch.json", train_batch_size=8, train_micro_batch_size_per_gpu=4,
                                 gradient_accumulation_steps=3)
     _expect_error(pretrain(tiny_data, out, bad_batch, check=False), "train_batch_size=8")

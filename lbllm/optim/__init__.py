@@ -15,6 +15,7 @@ from .registry import (
     list_optimizers,
     register_optimizer,
 )
+from .zero import attach_zero_partition_info
 
 __all__ = [
     "Lamb",
@@ -22,6 +23,7 @@ __all__ = [
     "LayerwiseOptimizer",
     "OptimizerRecord",
     "UnknownOptimizerError",
+    "attach_zero_partition_info",
     "build_param_groups",
     "create_optimizer",
     "describe_param_groups",

@@ -86,6 +86,23 @@ class ResolvedConfig:
         return self.optimizer_params.get("lr")
 
 
+def check_layerwise_support(ds: dict, source: str, name: str) -> None:
+    """Refuse the DeepSpeed modes in which LAMB/LARS would silently see flattened tensors.
+
+    ZeRO 3 partitions are not mapped back to parameters yet, and without ZeRO DeepSpeed's
+    fp16/bf16 wrappers flatten each param group into one tensor; in both cases trust
+    ratios would be computed per slice instead of per layer (DeepSpeed issues #88, #490).
+    """
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    mixed = any(ds.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
+    if stage >= 3:
+        raise ConfigError(f"{source}: {name} is exact under ZeRO stages 0-2; stage 3 is not supported yet - "
+                          "use zero_optimization.stage 1 or 2")
+    if stage == 0 and mixed:
+        raise ConfigError(f"{source}: {name} with bf16/fp16 needs zero_optimization.stage 1 or 2 (without ZeRO, "
+                          "DeepSpeed flattens each param group and per-layer trust ratios would be lost)")
+
+
 def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
     """Validate a DeepSpeed config and pull out the project-built optimizer and schedule."""
     ds = copy.deepcopy(raw)
@@ -113,8 +130,9 @@ def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
                 f"valid keys: {', '.join(sorted(valid))}"
             )
         del ds["optimizer"]
+        check_layerwise_support(ds, source, name)
         # DeepSpeed only wraps optimizers it knows unless told the client one is fine;
-        # lbllm's optimizers are tested under every ZeRO stage.
+        # lbllm/optim/zero.py makes LAMB/LARS exact under ZeRO 1 and 2.
         ds["zero_allow_untested_optimizer"] = True
     elif name.lower() in _DS_OPTIMIZERS:
         project_optimizer = False
@@ -167,6 +185,12 @@ def initialize(model: torch.nn.Module, resolved: ResolvedConfig) -> tuple[Any, t
         lr_scheduler=resolved.scheduler_factory,
         config=resolved.ds_config,
     )
+    if optimizer is not None and resolved.zero_stage >= 1:
+        # ZeRO hands LAMB/LARS flat per-rank slices: restore true per-parameter trust
+        # ratios (lbllm/optim/zero.py). A no-op for optimizers that are not layer-wise.
+        from lbllm.optim.zero import attach_zero_partition_info
+
+        attach_zero_partition_info(engine)
     return engine, base_optimizer(engine)
 
 

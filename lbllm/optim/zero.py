@@ -1,0 +1,258 @@
+"""Exact per-parameter LAMB/LARS under DeepSpeed ZeRO stages 1 and 2.
+
+ZeRO 1/2 flattens each param group into one buffer (with alignment padding, possibly in
+round-robin order) and gives every data-parallel rank one contiguous slice of it as a
+single flat fp32 tensor. ``torch.optim`` code then sees one "parameter" per group per
+rank, so a layer-wise optimizer would compute one trust ratio per *slice* (DeepSpeed
+issues #88 and #490). ``attach_zero_partition_info(engine)`` fixes that for lbllm's
+``LayerwiseOptimizer`` subclasses:
+
+* From the ZeRO optimizer's own bookkeeping (``round_robin_bit16_groups``,
+  ``round_robin_bit16_padding``, ``partition_size``, the data-parallel group of each param
+  group) it builds, for every flat fp32 partition, the list of contiguous segments
+  ``(original parameter index, length)`` that tile it: pieces of original parameters
+  (a parameter may be split across rank boundaries) and padding (index ``n``, a dummy).
+* It switches the optimizer's class to a subclass whose hooks compute per-*original*-
+  parameter partial squared norms over those segments (one ``torch._foreach_norm`` over
+  views, no Python loop per parameter), sum weight and update (LAMB) or weight and
+  gradient (LARS) norms across the data-parallel group in **one** all-reduce of one
+  stacked ``[2, n]`` tensor per param group, and broadcast the per-parameter ratio back
+  over the partition with ``repeat_interleave``.
+
+DeepSpeed calls the base optimizer's ``step()`` once per param group (it swaps
+``param_groups`` for a one-group list, see ``DeepSpeedZeroOptimizer._optimizer_step``), and
+the gradient of group ``i`` only exists right before that call, so the reduction happens
+per group: ``len(param_groups)`` small all-reduces per step (2 with the usual decay /
+no-decay split, none for a group that is not adapted). Every rank makes the same calls,
+because whether a group is adapted depends only on its hyper-parameters and every rank
+holds a (possibly all-padding) partition of every group.
+
+LAMB's ``max_grad_norm`` needs the norm over *all* groups, which under ZeRO is only
+complete before the per-group steps start; it is taken from DeepSpeed's own global
+gradient norm (``_global_grad_norm``, computed over every group and rank before the
+steps, unscaled by the loss scale). That norm is taken *before* DeepSpeed's own
+``gradient_clipping`` (whose default is 1.0!), so combine the two knowingly: with
+``max_grad_norm`` set, use ``"gradient_clipping": 0``.
+
+Not covered: ZeRO stage 3 (``attach_zero_partition_info`` raises) and DeepSpeed's
+``BF16_Optimizer`` / ``FP16_Optimizer`` (mixed precision without ZeRO, which also hand out
+flat slices); ``lbllm.train.engine.check_layerwise_support`` refuses both configurations
+before training starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .param_groups import LayerwiseOptimizer
+
+__all__ = ["ZeroSegments", "ZeroLayerwiseMixin", "attach_zero_partition_info", "zero_segments"]
+
+
+@dataclass
+class ZeroSegments:
+    """How one rank's flat partition of one param group tiles into original parameters.
+
+    ``ids[k]`` is the index (in ``0..num_params-1``, DeepSpeed's flattening order, the same
+    on every rank) of the original parameter that segment ``k`` belongs to, or
+    ``num_params`` for alignment padding; ``lengths[k]`` is its number of elements. The
+    segments are contiguous and cover the whole partition in order.
+    """
+
+    ids: list[int]
+    lengths: list[int]
+    num_params: int
+    group: Any = None  # the data-parallel process group the partial norms are summed over
+
+    def __post_init__(self) -> None:
+        self.ids_t = torch.tensor(self.ids, dtype=torch.long)
+        self.lengths_t = torch.tensor(self.lengths, dtype=torch.long)
+        self.numel = int(sum(self.lengths))
+
+    def to(self, device: torch.device) -> "ZeroSegments":
+        if self.ids_t.device != device:
+            self.ids_t = self.ids_t.to(device)
+            self.lengths_t = self.lengths_t.to(device)
+        return self
+
+
+def zero_segments(param_numels: Sequence[int], paddings: Sequence[int], partition_size: int,
+                  partition_id: int) -> tuple[list[int], list[int]]:
+    """Segments ``(ids, lengths)`` of partition ``partition_id`` of a flat buffer laid out as
+    ``param 0, padding 0, param 1, padding 1, ...`` then zero fill up to the partition
+    boundaries (pure bookkeeping, mirrors ``DeepSpeedZeroOptimizer.get_partition_info``)."""
+    n = len(param_numels)
+    start, end = partition_size * partition_id, partition_size * (partition_id + 1)
+    ids: list[int] = []
+    lengths: list[int] = []
+
+    def add(seg_id: int, lo: int, hi: int) -> None:
+        lo, hi = max(lo, start), min(hi, end)
+        if hi <= lo:
+            return
+        if ids and ids[-1] == seg_id:
+            lengths[-1] += hi - lo
+        else:
+            ids.append(seg_id)
+            lengths.append(hi - lo)
+
+    cur = 0
+    for idx, (numel, pad) in enumerate(zip(param_numels, paddings)):
+        add(idx, cur, cur + numel)
+        add(n, cur + numel, cur + numel + pad)
+        cur += numel + pad
+    add(n, cur, max(cur, end))  # alignment fill at the end of the buffer
+    assert sum(lengths) == partition_size, (sum(lengths), partition_size)
+    return ids, lengths
+
+
+class ZeroLayerwiseMixin:
+    """Hooks of ``LayerwiseOptimizer`` for flat ZeRO 1/2 partitions (see module doc).
+
+    ``_per_param_sq_norms`` returns this rank's *partial* squared norms (one entry per
+    original parameter of the group, plus nothing for padding); the ratio functions
+    (``_trust_ratio`` of LAMB, ``_local_ratio`` of LARS), which always receive the two
+    norms they need together, sum both over the data-parallel group in one all-reduce
+    before applying the rule. Tensors that are not ZeRO partitions (none under ZeRO 1/2)
+    are rejected rather than silently treated per slice.
+    """
+
+    _zero_segments: dict[int, ZeroSegments]
+    _zero_optimizer: Any
+
+    def _segments_of(self, params: Sequence[Tensor]) -> list[ZeroSegments]:
+        out = []
+        for p in params:
+            seg = self._zero_segments.get(id(p))
+            if seg is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: tensor of shape {tuple(p.shape)} is not a ZeRO partition "
+                    "registered by attach_zero_partition_info")
+            out.append(seg.to(p.device))
+        return out
+
+    def _per_param_sq_norms(self, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        if not tensors:
+            return torch.zeros(0)
+        pieces, ids = [], []
+        offset = 0
+        for t, seg in zip(tensors, self._segments_of(params)):
+            pieces.extend(t.reshape(-1).split(seg.lengths))
+            ids.append(seg.ids_t + offset)
+            offset += seg.num_params + 1
+        # One multi-tensor kernel over all segments, then one scatter-add into the
+        # per-parameter slots (padding lands in each partition's dummy slot).
+        seg_sq = torch.stack(torch._foreach_norm(pieces)).square()
+        out = torch.zeros(offset, dtype=seg_sq.dtype, device=seg_sq.device)
+        out.index_add_(0, torch.cat(ids), seg_sq)
+        keep = torch.ones(offset, dtype=torch.bool, device=out.device)
+        keep[torch.tensor(self._dummy_slots(params), dtype=torch.long, device=out.device)] = False
+        return out[keep]
+
+    def _dummy_slots(self, params: Sequence[Tensor]) -> list[int]:
+        slots, offset = [], 0
+        for seg in self._segments_of(params):
+            offset += seg.num_params
+            slots.append(offset)
+            offset += 1
+        return slots
+
+    def _per_param_broadcast(self, values: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+        out, offset = [], 0
+        for p, seg in zip(params, self._segments_of(params)):
+            vals = values[offset:offset + seg.num_params]
+            offset += seg.num_params
+            # Padding gets 0: its weights and updates are 0 anyway, and it stays 0.
+            vals = torch.cat([vals, vals.new_zeros(1)])
+            out.append(torch.repeat_interleave(vals[seg.ids_t], seg.lengths_t, output_size=seg.numel)
+                       .view_as(p))
+        return out
+
+    def _allreduce_norms(self, *norms: Tensor) -> tuple[Tensor, ...]:
+        stacked = torch.stack(norms)
+        groups = {id(s.group): s.group for s in self._zero_segments.values()}
+        if len(groups) != 1:
+            raise RuntimeError("ZeRO param groups with different data-parallel groups are not supported")
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=next(iter(groups.values())))
+        return tuple(stacked.unbind(0))
+
+    def _global_sq_norm(self, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        # Only the ZeRO optimizer knows all groups' gradients at once (it computes the
+        # global norm before calling step() group by group).
+        norm = getattr(self._zero_optimizer, "_global_grad_norm", None)
+        if norm is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: max_grad_norm under ZeRO needs DeepSpeed's global gradient norm "
+                "(zero_optimization.compute_grad_norm must be true); or use DeepSpeed's gradient_clipping")
+        ref = tensors[0] if tensors else None
+        norm = torch.as_tensor(norm, dtype=torch.float32 if ref is None else ref.dtype,
+                               device=None if ref is None else ref.device)
+        return norm.square()
+
+    def _trust_ratio(self, w_sq: Tensor, u_sq: Tensor, group: dict[str, Any]) -> Tensor:  # LAMB
+        w_sq, u_sq = self._allreduce_norms(w_sq, u_sq)
+        return super()._trust_ratio(w_sq, u_sq, group)  # type: ignore[misc]
+
+    def _local_ratio(self, w_sq: Tensor, g_sq: Tensor, group: dict[str, Any]) -> Tensor:  # LARS
+        w_sq, g_sq = self._allreduce_norms(w_sq, g_sq)
+        return super()._local_ratio(w_sq, g_sq, group)  # type: ignore[misc]
+
+
+_ZERO_CLASSES: dict[type, type] = {}
+
+
+def _zero_class(cls: type) -> type:
+    if issubclass(cls, ZeroLayerwiseMixin):
+        return cls
+    if cls not in _ZERO_CLASSES:
+        _ZERO_CLASSES[cls] = type(f"Zero{cls.__name__}", (ZeroLayerwiseMixin, cls), {"__module__": __name__})
+    return _ZERO_CLASSES[cls]
+
+
+def _zero_optimizer(engine: Any) -> Any:
+    opt = getattr(engine, "optimizer", engine)
+    while opt is not None and not hasattr(opt, "single_partition_of_fp32_groups") \
+            and not hasattr(opt, "fp32_partitioned_groups_flat"):
+        opt = getattr(opt, "optimizer", None)
+    return opt
+
+
+def attach_zero_partition_info(engine: Any) -> LayerwiseOptimizer | None:
+    """Make the engine's lbllm LAMB/LARS exact under ZeRO 1/2; returns it (None if nothing to do).
+
+    Call once, after ``deepspeed.initialize``. A no-op when ZeRO is off or the base
+    optimizer is not a ``LayerwiseOptimizer``. Raises for ZeRO stage 3 (not supported yet).
+    """
+    zero_opt = _zero_optimizer(engine)
+    if zero_opt is None:
+        return None
+    base = zero_opt.optimizer
+    if not isinstance(base, LayerwiseOptimizer):
+        return None
+    if not hasattr(zero_opt, "single_partition_of_fp32_groups"):
+        raise NotImplementedError(
+            f"{type(base).__name__}: exact layer-wise ratios under ZeRO stage 3 are not implemented yet")
+    segments: dict[int, ZeroSegments] = {}
+    for i, flat in enumerate(zero_opt.single_partition_of_fp32_groups):
+        pg = zero_opt.real_dp_process_group[i]
+        ids, lengths = zero_segments(
+            # Shapes from DeepSpeed's meta copies when it keeps them (param.data may be
+            # swapped out by state offload), else from the parameters themselves.
+            [t.numel() for t in getattr(zero_opt, "round_robin_bit16_meta", zero_opt.round_robin_bit16_groups)[i]],
+            zero_opt.round_robin_bit16_padding[i],
+            int(zero_opt.partition_size[i]),
+            dist.get_rank(group=pg),
+        )
+        if sum(lengths) != flat.numel():
+            raise RuntimeError(f"ZeRO bookkeeping mismatch in group {i}: {sum(lengths)} != {flat.numel()}")
+        segments[id(flat)] = ZeroSegments(ids, lengths, len(zero_opt.round_robin_bit16_groups[i]), pg)
+    base.__class__ = _zero_class(type(base))
+    base._zero_segments = segments
+    base._zero_optimizer = zero_opt
+    return base
