@@ -84,6 +84,17 @@ class BatchLayout:
     world_size: int
 
 
+def _split(total: int, known: int, known_key: str, world_size: int, source: str) -> int:
+    """The missing factor of train_batch_size = known x missing x world, which must be whole."""
+    missing, rem = divmod(total, known * world_size)
+    if rem or missing == 0:
+        raise ConfigError(
+            f"{source}: train_batch_size={total} is not a multiple of {known_key}={known} "
+            f"x world_size={world_size}; change one of them"
+        )
+    return missing
+
+
 def resolve_batch_layout(ds_config: dict, world_size: int, source: str = "DeepSpeed config") -> BatchLayout:
     """Fill in the one missing value of (train_batch_size, micro, accumulation) or check all three."""
     total = ds_config.get("train_batch_size")
@@ -94,27 +105,15 @@ def resolve_batch_layout(ds_config: dict, world_size: int, source: str = "DeepSp
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{source}: {key}={value!r} must be a positive integer")
     if total is not None and micro is not None and accum is None:
-        accum, rem = divmod(total, micro * world_size)
-        if rem or accum == 0:
-            raise ConfigError(
-                f"{source}: train_batch_size={total} is not a multiple of train_micro_batch_size_per_gpu={micro} "
-                f"x world_size={world_size}; change one of them"
-            )
+        accum = _split(total, micro, "train_micro_batch_size_per_gpu", world_size, source)
     elif total is not None and accum is not None and micro is None:
-        micro, rem = divmod(total, accum * world_size)
-        if rem or micro == 0:
-            raise ConfigError(
-                f"{source}: train_batch_size={total} is not a multiple of gradient_accumulation_steps={accum} "
-                f"x world_size={world_size}; change one of them"
-            )
+        micro = _split(total, accum, "gradient_accumulation_steps", world_size, source)
     elif total is None and micro is not None:
         accum = accum or 1
         total = micro * accum * world_size
     elif total is not None and micro is None and accum is None:
         accum = 1
-        micro, rem = divmod(total, world_size)
-        if rem or micro == 0:
-            raise ConfigError(f"{source}: train_batch_size={total} is not a multiple of world_size={world_size}")
+        micro = _split(total, accum, "gradient_accumulation_steps", world_size, source)
     elif total is None:
         raise ConfigError(f"{source}: set train_batch_size and train_micro_batch_size_per_gpu")
     if total != micro * accum * world_size:
