@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lbllm.optim import build_param_groups
 from lbllm.squad.features import (
     EvalFeatures,
     SquadExample,
@@ -43,7 +44,6 @@ __all__ = [
     "seed_everything",
     "load_qa_model",
     "linear_warmup_decay",
-    "param_groups",
     "train",
     "predict_logits",
     "predict",
@@ -175,19 +175,6 @@ def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and LayerNorm gains (ndim <= 1) are not scaled
-    weights, and decaying them hurts BERT fine-tuning."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless stream of index batches, one fresh permutation per epoch."""
     while True:
@@ -221,7 +208,7 @@ def train(model: torch.nn.Module, feats: TrainFeatures, cfg: SquadConfig) -> dic
     if total == 0 or len(feats) == 0:
         return {"train_steps": 0, "train_seconds": 0.0, "train_loss": None}
     warmup = cfg.warmup_steps(total)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
+    optimizer = torch.optim.AdamW(build_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, total, warmup))
     tensors = _to_tensors(feats)
     batches = _batches(len(feats), cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
