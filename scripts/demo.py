@@ -35,7 +35,8 @@ class Demo:
         self.out = Path(args.out).resolve()
         self.data = self.out / "data"
         self.step_no = 0
-        self.total_steps = 4 + 2 * 3 + 1 + 3
+        # 4 data stages + 2 recipes x 2 phases + the random-init export + 3 SQuAD runs
+        self.total_steps = 4 + 2 * 2 + 1 + 3
         self.t0 = time.perf_counter()
 
     def sh(self, title: str, cmd: list[str]) -> float:
@@ -51,9 +52,8 @@ class Demo:
         return time.perf_counter() - t
 
     def pretrain(self, config: str, data_dir: Path, out: Path, extra: list[str] = (), world: int = 2) -> float:
-        launcher = ["deepspeed", "--num_gpus", str(world), "--master_port", str(free_port())] if world > 1 else [PY]
-        if world > 1:
-            launcher[0] = str(Path(PY).parent / "deepspeed")
+        deepspeed = str(Path(PY).parent / "deepspeed")  # the launcher of this virtualenv
+        launcher = [deepspeed, "--num_gpus", str(world), "--master_port", str(free_port())] if world > 1 else [PY]
         cmd = [*launcher, "pretrain_bert.py", "--deepspeed_config", f"ds_configs/{config}", "--data_dir", data_dir,
                "--output_dir", out, "--model_config", self.a.model_config, "--seed", str(self.a.seed), *extra]
         return self.sh(f"pretrain {out.relative_to(self.out)} ({config}, {world} ranks)", cmd)

@@ -105,7 +105,7 @@ class Trainer:
             f"{layout.global_batch_size} = micro {layout.micro_batch_size} x accum "
             f"{layout.gradient_accumulation_steps} x world {layout.world_size} | ZeRO {s.resolved.zero_stage} | "
             f"grad clip {engine.gradient_clipping()} | "
-            f"seq {s.dataset.seq_length} | {len(s.dataset)} samples | {run.max_steps or s.max_steps} steps"
+            f"seq {s.dataset.seq_length} | {len(s.dataset)} samples | {s.max_steps} steps"
         )
         self._log(f"model {run.model_config}: {sum(p.numel() for p in hf_model.parameters()):,} parameters; "
                   + describe_param_groups(opt.param_groups))
