@@ -1,4 +1,4 @@
-"""Exact per-parameter LAMB/LARS under DeepSpeed ZeRO stages 1 and 2.
+"""Exact per-parameter LAMB/LARS under DeepSpeed ZeRO stages 1, 2 and 3.
 
 ZeRO 1/2 flattens each param group into one buffer (with alignment padding, possibly in
 round-robin order) and gives every data-parallel rank one contiguous slice of it as a
@@ -34,10 +34,16 @@ steps, unscaled by the loss scale). That norm is taken *before* DeepSpeed's own
 ``gradient_clipping`` (whose default is 1.0!), so combine the two knowingly: with
 ``max_grad_norm`` set, use ``"gradient_clipping": 0``.
 
-Not covered: ZeRO stage 3 (``attach_zero_partition_info`` raises) and DeepSpeed's
-``BF16_Optimizer`` / ``FP16_Optimizer`` (mixed precision without ZeRO, which also hand out
-flat slices); ``lbllm.train.engine.check_layerwise_support`` refuses both configurations
-before training starts.
+ZeRO 3 splits every parameter across all ranks (rank ``r`` owns elements
+``[r*s, (r+1)*s)`` of each parameter, zero-padded) and concatenates a rank's pieces per
+*sub-group* into one flat fp32 tensor; the segments come from ``ds_numel`` and
+``partition_numel()`` of the sub-group's parameters (``zero3_segments``), and the rest is the
+same. DeepSpeed steps once per sub-group, so each param group must be one sub-group
+(``sub_group_size`` above the parameter count; the default 1e9 covers BERT-Large) - checked.
+
+Not covered: DeepSpeed's ``BF16_Optimizer`` / ``FP16_Optimizer`` (mixed precision without
+ZeRO, which also hand out flat slices; ``lbllm.train.engine.check_layerwise_support``
+refuses it before training starts) and ZeRO 3 with optimizer offload (refused).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from torch import Tensor
 
 from .param_groups import LayerwiseOptimizer
 
-__all__ = ["ZeroSegments", "ZeroLayerwiseMixin", "attach_zero_partition_info", "zero_segments"]
+__all__ = ["ZeroSegments", "ZeroLayerwiseMixin", "attach_zero_partition_info", "zero3_segments", "zero_segments"]
 
 
 @dataclass
@@ -223,21 +229,32 @@ def _zero_optimizer(engine: Any) -> Any:
     return opt
 
 
-def attach_zero_partition_info(engine: Any) -> LayerwiseOptimizer | None:
-    """Make the engine's lbllm LAMB/LARS exact under ZeRO 1/2; returns it (None if nothing to do).
+def zero3_segments(param_numels: Sequence[int], partition_numels: Sequence[int],
+                   partition_id: int) -> tuple[list[int], list[int]]:
+    """Segments ``(ids, lengths)`` of one rank's ZeRO-3 flat fp32 sub-group partition.
 
-    Call once, after ``deepspeed.initialize``. A no-op when ZeRO is off or the base
-    optimizer is not a ``LayerwiseOptimizer``. Raises for ZeRO stage 3 (not supported yet).
+    Stage 3 splits *every* parameter across the ranks: rank ``r`` holds elements
+    ``[r * s, (r + 1) * s)`` of parameter ``i`` (``s = partition_numels[i]``, the same on every
+    rank), zero-padded past its end, and a sub-group's flat buffer is these pieces
+    concatenated in parameter order (``DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions``).
     """
-    zero_opt = _zero_optimizer(engine)
-    if zero_opt is None:
-        return None
-    base = zero_opt.optimizer
-    if not isinstance(base, LayerwiseOptimizer):
-        return None
-    if not hasattr(zero_opt, "single_partition_of_fp32_groups"):
-        raise NotImplementedError(
-            f"{type(base).__name__}: exact layer-wise ratios under ZeRO stage 3 are not implemented yet")
+    n = len(param_numels)
+    ids: list[int] = []
+    lengths: list[int] = []
+    for idx, (numel, size) in enumerate(zip(param_numels, partition_numels)):
+        valid = max(0, min(size, numel - partition_id * size))
+        for seg_id, length in ((idx, valid), (n, size - valid)):
+            if length == 0:
+                continue
+            if ids and ids[-1] == seg_id:
+                lengths[-1] += length
+            else:
+                ids.append(seg_id)
+                lengths.append(length)
+    return ids, lengths
+
+
+def _stage12_segments(zero_opt: Any) -> dict[int, ZeroSegments]:
     segments: dict[int, ZeroSegments] = {}
     for i, flat in enumerate(zero_opt.single_partition_of_fp32_groups):
         pg = zero_opt.real_dp_process_group[i]
@@ -252,6 +269,48 @@ def attach_zero_partition_info(engine: Any) -> LayerwiseOptimizer | None:
         if sum(lengths) != flat.numel():
             raise RuntimeError(f"ZeRO bookkeeping mismatch in group {i}: {sum(lengths)} != {flat.numel()}")
         segments[id(flat)] = ZeroSegments(ids, lengths, len(zero_opt.round_robin_bit16_groups[i]), pg)
+    return segments
+
+
+def _stage3_segments(zero_opt: Any) -> dict[int, ZeroSegments]:
+    # DeepSpeed steps the base optimizer once per *sub-group*; LAMB's step counter (bias
+    # correction) is kept per param group, so a param group must be exactly one sub-group.
+    group_ids = [zero_opt.sub_group_to_group_id[i] for i in range(len(zero_opt.fp16_groups))]
+    if len(set(group_ids)) != len(group_ids):
+        raise ValueError(
+            "ZeRO 3 split a param group into several sub-groups (zero_optimization.sub_group_size is smaller "
+            "than the group); LAMB/LARS need one sub-group per param group: raise sub_group_size above the "
+            f"parameter count ({sum(p.ds_numel for g in zero_opt.fp16_groups for p in g):,})")
+    if getattr(zero_opt, "swap_optimizer", False) or getattr(zero_opt, "offload_optimizer", False):
+        raise ValueError("LAMB/LARS under ZeRO 3 do not support optimizer offload; remove "
+                         "zero_optimization.offload_optimizer")
+    segments: dict[int, ZeroSegments] = {}
+    for i, (flat, params) in enumerate(zip(zero_opt.fp32_partitioned_groups_flat, zero_opt.fp16_groups)):
+        pg = zero_opt._get_sub_group_process_group(i)
+        ids, lengths = zero3_segments([p.ds_numel for p in params], [p.partition_numel() for p in params],
+                                      dist.get_rank(group=pg))
+        if sum(lengths) != flat.numel():
+            raise RuntimeError(f"ZeRO 3 bookkeeping mismatch in sub-group {i}: {sum(lengths)} != {flat.numel()}")
+        segments[id(flat)] = ZeroSegments(ids, lengths, len(params), pg)
+    return segments
+
+
+def attach_zero_partition_info(engine: Any) -> LayerwiseOptimizer | None:
+    """Make the engine's lbllm LAMB/LARS exact under ZeRO 1/2/3; returns it (None if nothing to do).
+
+    Call once, after ``deepspeed.initialize``. A no-op when ZeRO is off or the base
+    optimizer is not a ``LayerwiseOptimizer``.
+    """
+    zero_opt = _zero_optimizer(engine)
+    if zero_opt is None:
+        return None
+    base = zero_opt.optimizer
+    if not isinstance(base, LayerwiseOptimizer):
+        return None
+    if hasattr(zero_opt, "single_partition_of_fp32_groups"):
+        segments = _stage12_segments(zero_opt)
+    else:
+        segments = _stage3_segments(zero_opt)
     base.__class__ = _zero_class(type(base))
     base._zero_segments = segments
     base._zero_optimizer = zero_opt

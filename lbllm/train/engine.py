@@ -89,17 +89,14 @@ class ResolvedConfig:
 def check_layerwise_support(ds: dict, source: str, name: str) -> None:
     """Refuse the DeepSpeed modes in which LAMB/LARS would silently see flattened tensors.
 
-    ZeRO 3 partitions are not mapped back to parameters yet, and without ZeRO DeepSpeed's
-    fp16/bf16 wrappers flatten each param group into one tensor; in both cases trust
-    ratios would be computed per slice instead of per layer (DeepSpeed issues #88, #490).
+    Without ZeRO, DeepSpeed's fp16/bf16 wrappers flatten each param group into one tensor
+    whose slices lbllm/optim/zero.py does not map back to parameters, so trust ratios would
+    be computed per slice instead of per layer (DeepSpeed issues #88, #490).
     """
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     mixed = any(ds.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
-    if stage >= 3:
-        raise ConfigError(f"{source}: {name} is exact under ZeRO stages 0-2; stage 3 is not supported yet - "
-                          "use zero_optimization.stage 1 or 2")
     if stage == 0 and mixed:
-        raise ConfigError(f"{source}: {name} with bf16/fp16 needs zero_optimization.stage 1 or 2 (without ZeRO, "
+        raise ConfigError(f"{source}: {name} with bf16/fp16 needs zero_optimization.stage 1, 2 or 3 (without ZeRO, "
                           "DeepSpeed flattens each param group and per-layer trust ratios would be lost)")
 
 
