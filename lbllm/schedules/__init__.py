@@ -1,11 +1,23 @@
-"""Learning-rate schedules as pure functions of the step, registered by name."""
+"""LR schedules, LR scaling rules and batch-size schedules: pure functions of the step."""
+from lbllm.schedules.batch import BatchSchedule, GradientNoiseScale, parse_batch_schedule, sgd_noise_scale
 from lbllm.schedules.lr import (
     SCHEDULES,
     ScheduleError,
+    ScheduleRecord,
+    WarmupConstant,
+    WarmupCosineDecay,
+    WarmupDecay,
     WarmupPolyDecay,
     build_scheduler,
     is_project_schedule,
     list_schedules,
+    make_schedule,
 )
+from lbllm.schedules.scaling import LRScaling, parse_lr_scaling, scale_lr
 
-__all__ = ["SCHEDULES", "ScheduleError", "WarmupPolyDecay", "build_scheduler", "is_project_schedule", "list_schedules"]
+__all__ = [
+    "SCHEDULES", "ScheduleError", "ScheduleRecord", "WarmupConstant", "WarmupCosineDecay", "WarmupDecay",
+    "WarmupPolyDecay", "build_scheduler", "is_project_schedule", "list_schedules", "make_schedule",
+    "LRScaling", "parse_lr_scaling", "scale_lr",
+    "BatchSchedule", "GradientNoiseScale", "parse_batch_schedule", "sgd_noise_scale",
+]
