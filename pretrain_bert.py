@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, choices=("auto",), help="continue from the newest checkpoint in output_dir")
     p.add_argument("--save_interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--max_seq_length", type=int, default=None, help="fail unless the shards have this length")
+    p.add_argument("--loss_normalization", default="global", choices=("global", "micro"),
+                   help="global: token-weighted over the whole global batch; micro: mean of micro-batch means")
+    p.add_argument("--noise_scale_interval", type=int, default=0, help="gradient noise scale every K steps (0: off)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the launcher")
     p.add_argument("--deepspeed", action="store_true", help="accepted for launcher compatibility")
     return p.parse_args(argv)
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=args.tokenizer, model_config=args.model_config, max_steps=args.max_steps, seed=args.seed,
             dropout=args.dropout, phase=args.phase, init_checkpoint=args.init_checkpoint, resume=args.resume,
             save_interval=args.save_interval, max_seq_length=args.max_seq_length,
+            loss_normalization=args.loss_normalization, noise_scale_interval=args.noise_scale_interval,
         )
         ensure_distributed_env()
         setup = prepare(run)

@@ -31,6 +31,11 @@ class RunConfig:
     resume: str | None = None  # "auto": continue from the newest checkpoint in output_dir
     save_interval: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     max_seq_length: int | None = None  # optional check against the shards
+    # "global": the step's loss is the sum over all masked tokens of the global batch divided
+    # by their number (Goyal et al. remark 3); "micro": mean of per-micro-batch means
+    # (NVIDIA's recipe), which weights tokens unequally when micro-batches differ.
+    loss_normalization: str = "global"
+    noise_scale_interval: int = 0  # measure the gradient noise scale every K steps (0: never)
 
     def __post_init__(self) -> None:
         for name in ("deepspeed_config", "data_dir", "output_dir", "tokenizer", "init_checkpoint"):
@@ -45,6 +50,10 @@ class RunConfig:
             raise ConfigError(f"--resume {self.resume!r}: only 'auto' is supported")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"--max_steps {self.max_steps}: must be >= 0")
+        if self.loss_normalization not in ("global", "micro"):
+            raise ConfigError(f"--loss_normalization {self.loss_normalization!r}: must be 'global' or 'micro'")
+        if self.noise_scale_interval < 0:
+            raise ConfigError(f"--noise_scale_interval {self.noise_scale_interval}: must be >= 0")
         if self.save_interval < 0:
             raise ConfigError(f"--save_interval {self.save_interval}: must be >= 0")
         if not self.deepspeed_config.is_file():

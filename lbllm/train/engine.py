@@ -18,7 +18,15 @@ from typing import Any, Callable
 import torch
 
 from lbllm.optim import build_param_groups, create_optimizer, get_optimizer_record, list_optimizers
-from lbllm.schedules import build_scheduler, is_project_schedule, list_schedules
+from lbllm.schedules import (
+    BatchSchedule,
+    LRScaling,
+    build_scheduler,
+    is_project_schedule,
+    list_schedules,
+    parse_batch_schedule,
+    parse_lr_scaling,
+)
 from lbllm.train.config import BatchLayout, ConfigError, resolve_batch_layout
 
 # DeepSpeed's own optimizer and schedule names (kept here so they are validated before
@@ -76,6 +84,8 @@ class ResolvedConfig:
     project_optimizer: bool
     scheduler_factory: Callable | None  # project schedule factory, or None
     total_num_steps: int | None  # schedule horizon, when the schedule states one
+    lr_scaling: LRScaling | None = None  # how optimizer.params.lr was derived, if it was
+    batch_schedule: BatchSchedule | None = None  # batch ramp (Smith et al. 2018), if any
 
     @property
     def zero_stage(self) -> int:
@@ -103,7 +113,15 @@ def check_layerwise_support(ds: dict, source: str, name: str) -> None:
 def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
     """Validate a DeepSpeed config and pull out the project-built optimizer and schedule."""
     ds = copy.deepcopy(raw)
+    # Project sections, not DeepSpeed's: taken out before DeepSpeed sees the config.
+    lr_scaling = parse_lr_scaling(ds.pop("lr_scaling", None), source)
+    batch_schedule = parse_batch_schedule(ds.pop("batch_schedule", None), source)
     layout = resolve_batch_layout(ds, world_size, source)
+    if batch_schedule is not None:
+        batch_schedule.validate(layout.micro_batch_size, world_size, source)
+        if batch_schedule.batch_at(1) != layout.global_batch_size:
+            raise ConfigError(f"{source}: batch_schedule starts at {batch_schedule.batch_at(1)} but train_batch_size "
+                              f"is {layout.global_batch_size}; make them equal")
     ds["train_batch_size"] = layout.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = layout.micro_batch_size
     ds["gradient_accumulation_steps"] = layout.gradient_accumulation_steps
@@ -112,6 +130,15 @@ def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
     if not isinstance(opt, dict) or "type" not in opt:
         raise ConfigError(f"{source}: needs an \"optimizer\": {{\"type\": ..., \"params\": {{...}}}} section")
     name, params = opt["type"], dict(opt.get("params", {}))
+    if lr_scaling is not None:
+        # The rule fixes the LR at the starting batch (a batch ramp then keeps it, as in
+        # Smith et al.); a config that also states a different lr is contradictory.
+        lr = lr_scaling.lr_for(layout.global_batch_size)
+        if "lr" in params and abs(params["lr"] - lr) > 1e-12 * max(abs(lr), 1.0):
+            raise ConfigError(f"{source}: optimizer.params.lr={params['lr']} contradicts lr_scaling, which gives "
+                              f"{lr:.6g} at batch {layout.global_batch_size}; remove one of them")
+        params["lr"] = lr
+        opt["params"] = {**opt.get("params", {}), "lr": lr}
     try:
         record = get_optimizer_record(name)
     except ValueError:
@@ -147,14 +174,14 @@ def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
         sparams = sched.get("params", {})
         total = sparams.get("total_num_steps")
         if is_project_schedule(sched["type"]):
-            factory = build_scheduler(sched["type"], sparams)
+            factory = build_scheduler(sched["type"], sparams, source=source)
             del ds["scheduler"]
         elif sched["type"] not in _DS_SCHEDULES:
             raise ConfigError(
                 f"{source}: scheduler.type {sched['type']!r} is unknown; project schedules: "
                 f"{', '.join(list_schedules())}; DeepSpeed schedules: {', '.join(_DS_SCHEDULES)}"
             )
-    return ResolvedConfig(ds, layout, name, params, project_optimizer, factory, total)
+    return ResolvedConfig(ds, layout, name, params, project_optimizer, factory, total, lr_scaling, batch_schedule)
 
 
 def build_optimizer(model: torch.nn.Module, resolved: ResolvedConfig) -> torch.optim.Optimizer | None:

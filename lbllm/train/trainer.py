@@ -23,6 +23,7 @@ import torch.distributed as dist
 from lbllm.data import GlobalBatchSampler, PretrainingDataset
 from lbllm.model import PretrainingModel, build_bert_config, build_pretraining_model
 from lbllm.optim import describe_param_groups
+from lbllm.schedules import GradientNoiseScale, sgd_noise_scale
 from lbllm.train import checkpoint as ckpt
 from lbllm.train.config import ConfigError, RunConfig, load_json_config
 from lbllm.train.engine import (
@@ -93,6 +94,42 @@ class Trainer:
         if self.is_main:
             print(f"[lbllm] {msg}", file=sys.stderr, flush=True)
 
+    def _client_state(self, step: int, consumed: int, sampler: GlobalBatchSampler) -> dict:
+        return {"step": step, "consumed_samples": consumed, "phase": self.run.phase, "sampler": sampler.state_dict()}
+
+    def _fetch_step(self, sampler: GlobalBatchSampler, batches) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next global step (their masks depend on the epoch)."""
+        micro = []
+        for _ in range(sampler.gradient_accumulation_steps):
+            indices = next(batches)
+            micro.append(self.s.dataset.get_batch(indices, epoch=sampler.epoch))
+        return micro
+
+    def _global_counts(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """Masked tokens and sequences in the whole global batch (all ranks, all micro-steps).
+
+        Needed before the first backward of the step, so it costs one 2-number all-reduce
+        per step (a host sync point) on top of the statistics' one.
+        """
+        counts = torch.tensor([sum(float(b["masked_lm_weights"].sum()) for b in micro),
+                               float(sum(b["input_ids"].shape[0] for b in micro))], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+
+    def _small_batch_sq_norm(self, engine: Any, batch: dict[str, torch.Tensor]) -> float:
+        """|G_small|^2: squared norm of one micro-batch's mean-loss gradient, averaged over
+        ranks (McCandlish et al. 2018, App. A). autograd.grad leaves .grad and DeepSpeed's
+        gradient hooks untouched; one extra forward/backward every noise_scale_interval steps."""
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        out = engine.module(**{k: v.to(engine.device) for k, v in batch.items()})
+        grads = torch.autograd.grad(out.mean_loss(), params)
+        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1).double().cpu()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sq)
+            sq /= dist.get_world_size()
+        return sq.item()
+
     def train(self) -> dict:
         s, run, layout = self.s, self.run, self.s.resolved.layout
         seed_everything(run.seed)
@@ -100,20 +137,26 @@ class Trainer:
         hf_model = build_pretraining_model(s.bert_config)
         model = PretrainingModel(hf_model)
         engine, opt = initialize(model, s.resolved)
+        ramp = s.resolved.batch_schedule
         self._log(
             f"phase {run.phase}: {s.resolved.optimizer_name} lr={s.resolved.peak_lr} | global batch "
             f"{layout.global_batch_size} = micro {layout.micro_batch_size} x accum "
             f"{layout.gradient_accumulation_steps} x world {layout.world_size} | ZeRO {s.resolved.zero_stage} | "
-            f"grad clip {engine.gradient_clipping()} | "
+            f"grad clip {engine.gradient_clipping()} | loss normalization {run.loss_normalization} | "
             f"seq {s.dataset.seq_length} | {len(s.dataset)} samples | {s.max_steps} steps"
         )
+        if s.resolved.lr_scaling is not None:
+            self._log("LR scaling: " + s.resolved.lr_scaling.describe(layout.global_batch_size))
+        if ramp is not None:
+            self._log("batch schedule: " + ramp.describe())
         self._log(f"model {run.model_config}: {sum(p.numel() for p in hf_model.parameters()):,} parameters; "
                   + describe_param_groups(opt.param_groups))
 
-        start_step, consumed = 0, 0
+        start_step, consumed, sampler_state = 0, 0, None
         if run.resume == "auto" and ckpt.has_checkpoint(run.output_dir):
             state = ckpt.resume(engine, run.output_dir)
             start_step, consumed = int(state["step"]), int(state["consumed_samples"])
+            sampler_state = state.get("sampler")
             self._log(f"resumed from step {start_step} ({consumed} samples consumed)")
         elif run.init_checkpoint is not None:
             ckpt.init_from_previous_phase(engine, run.init_checkpoint)
@@ -122,9 +165,16 @@ class Trainer:
         sampler = GlobalBatchSampler(
             num_samples=len(s.dataset), global_batch_size=layout.global_batch_size,
             micro_batch_size=layout.micro_batch_size, world_size=layout.world_size,
-            rank=self.rank, seed=run.seed, consumed_samples=consumed,
+            rank=self.rank, seed=run.seed, consumed_samples=0 if sampler_state else consumed,
         )
+        if sampler_state:  # exact position, also across batch-size changes and world sizes
+            sampler.load_state_dict(sampler_state)
         batches = iter(sampler)
+        noise = GradientNoiseScale()
+        measure_noise = run.noise_scale_interval > 0 and s.resolved.zero_stage < 3
+        if run.noise_scale_interval > 0 and not measure_noise:
+            self._log("gradient noise scale: not measured under ZeRO 3 (parameters are partitioned)")
+        momentum = float(opt.param_groups[0].get("momentum", 0.0))  # SGD-type momentum (LARS); 0 for Adam-type
         metrics = MetricsWriter(run.output_dir / "metrics.jsonl", enabled=self.is_main,
                                 resume_step=start_step if start_step > 0 else None)
         progress = None
@@ -137,18 +187,43 @@ class Trainer:
         t_start = time.perf_counter()
         while step < s.max_steps:
             t0 = time.perf_counter()
+            batch_size = ramp.batch_at(step + 1) if ramp is not None else layout.global_batch_size
+            if batch_size != sampler.global_batch_size or batch_size != engine.train_batch_size():
+                # Smith et al. 2018: a larger batch through more accumulation steps; the
+                # sampler continues the same epoch permutation with the new step size.
+                engine.set_train_batch_size(batch_size)
+                sampler.set_global_batch_size(batch_size)
+                self._log(f"step {step + 1}: global batch {batch_size} (accumulation {sampler.gradient_accumulation_steps})")
             lr = opt.param_groups[0]["lr"]  # the LR this update uses (the scheduler moves it after)
+            micro = self._fetch_step(sampler, batches)
+            sq_small = None
+            if measure_noise and (step + 1) % run.noise_scale_interval == 0:
+                sq_small = self._small_batch_sq_norm(engine, micro[0])
+            if run.loss_normalization == "global":
+                n_tokens, n_seqs = self._global_counts(micro)
+                # DeepSpeed divides the loss by the accumulation steps and averages gradients
+                # over ranks; undo both so the step's gradient is d(sum of losses / count).
+                scale = float(sampler.gradient_accumulation_steps * layout.world_size)
             stats = torch.zeros(6)
-            for _ in range(layout.gradient_accumulation_steps):
-                batch = s.dataset.get_batch(next(batches))
+            sq_big = None
+            for i, batch in enumerate(micro):
                 out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-                engine.backward(out.mean_loss())
+                if run.loss_normalization == "global":
+                    loss = (out.mlm_loss_sum / n_tokens + out.nsp_loss_sum / n_seqs) * scale
+                else:
+                    loss = out.mean_loss()
+                engine.backward(loss)
+                if sq_small is not None and i == len(micro) - 1 and s.resolved.zero_stage == 0:
+                    # Without ZeRO DeepSpeed does not keep the global gradient norm; the
+                    # gradients are all-reduced by now, so take it before the step.
+                    sq_big = float(sum(p.grad.float().pow(2).sum() for p in engine.module.parameters()
+                                       if p.grad is not None))
                 engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
                 stats += out.as_vector().cpu()
             if dist.is_initialized() and layout.world_size > 1:
                 dist.all_reduce(stats)  # one small all-reduce per step; a host sync point
             step += 1
-            consumed += layout.global_batch_size
+            consumed += batch_size
             dt = time.perf_counter() - t0
             mlm_loss = stats[0].item() / max(stats[1].item(), 1)
             nsp_loss = stats[3].item() / max(stats[4].item(), 1)
@@ -160,26 +235,36 @@ class Trainer:
                 "nsp_loss": nsp_loss,
                 "nsp_acc": stats[5].item() / max(stats[4].item(), 1),
                 "lr": lr,
-                "global_batch_size": layout.global_batch_size,
+                "global_batch_size": batch_size,
                 "samples": consumed,
-                "seq_per_s": layout.global_batch_size / dt,
+                "epoch": sampler.epoch,
+                "seq_per_s": batch_size / dt,
                 "step_time_s": dt,
                 "phase": run.phase,
+                # Smith et al. 2018: the SGD noise scale g = lr N / (B (1 - m)).
+                "sgd_noise_scale": sgd_noise_scale(lr, len(s.dataset), batch_size, momentum),
             }
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
+                sq_big = float(grad_norm) ** 2 if sq_big is None else sq_big
+            if sq_small is not None and sq_big is not None:
+                # McCandlish et al. 2018: B_simple = tr(Sigma) / |G|^2 from the two batch sizes.
+                b_simple = noise.update(layout.micro_batch_size, sq_small, batch_size, sq_big)
+                last["grad_sqnorm_small"], last["grad_sqnorm_big"] = sq_small, sq_big
+                if b_simple is not None:
+                    last["grad_noise_scale"] = b_simple
             metrics.write(last)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
             if run.save_interval and step % run.save_interval == 0 and step < s.max_steps:
-                ckpt.save_checkpoint(engine, run.output_dir, step, {"step": step, "consumed_samples": consumed, "phase": run.phase})
+                ckpt.save_checkpoint(engine, run.output_dir, step, self._client_state(step, consumed, sampler))
         if progress is not None:
             progress.close()
         metrics.close()
 
-        tag = ckpt.save_checkpoint(engine, run.output_dir, step, {"step": step, "consumed_samples": consumed, "phase": run.phase})
+        tag = ckpt.save_checkpoint(engine, run.output_dir, step, self._client_state(step, consumed, sampler))
         state = ckpt.fp32_module_state_dict(engine, run.output_dir, tag, s.resolved.zero_stage)
         if state is not None:
             ckpt.export_hf(state, build_pretraining_model(s.bert_config), s.tokenizer, run.output_dir / "final")
