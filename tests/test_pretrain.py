@@ -182,3 +182,26 @@ def test_errors_are_one_line_before_any_output(tiny_data, tmp_path):
     (tmp_path / "malformed.json").write_text("{not json")
     _expect_error(pretrain(tiny_data, out, tmp_path / "malformed.json", check=False), "malformed JSON")
     assert not out.exists()
+
+
+def test_phase2_on_another_world_size_and_zero_stage_carries_state_exactly(tiny_data, tmp_path):
+    """Phase 1 on 2 ranks (ZeRO 2) -> phase 2 on 1 rank (ZeRO 3): weights and LAMB moments
+    arrive unchanged. With --max_steps 0 phase 2 only loads and re-saves, so its
+    phase_state.pt must equal phase 1's tensor for tensor."""
+    p1_cfg = write_ds_config(tmp_path / "p1.json", train_batch_size=16, train_micro_batch_size_per_gpu=4,
+                             zero_optimization={"stage": 2})
+    p2_cfg = write_ds_config(tmp_path / "p2.json", train_batch_size=8, train_micro_batch_size_per_gpu=8,
+                             zero_optimization={"stage": 3})
+    p1, p2 = tmp_path / "p1", tmp_path / "p2"
+    pretrain(tiny_data, p1, p1_cfg, "--max_steps", "2", procs=2)
+    proc = pretrain(tiny_data, p2, p2_cfg, "--phase", "2", "--init_checkpoint", p1, "--max_steps", "0",
+                    shards="shards_128")
+    assert "optimizer moments" in proc.stderr
+    a, b = torch.load(p1 / "phase_state.pt"), torch.load(p2 / "phase_state.pt")
+    assert sorted(a["moments"]) == ["exp_avg", "exp_avg_sq"]
+    assert a["weights"].keys() == b["weights"].keys()
+    for name in a["weights"]:
+        assert torch.equal(a["weights"][name], b["weights"][name]), name
+        for k in a["moments"]:
+            assert torch.equal(a["moments"][k][name], b["moments"][k][name]), (k, name)
+    assert any(v.abs().sum() > 0 for v in a["moments"]["exp_avg"].values())  # moments were really trained

@@ -5,6 +5,13 @@ phase-1 weights *and* Adam moments but restarts the step count and the LR schedu
 its own warmup. DeepSpeed's load restores the phase-1 param-group hyperparameters and LR
 along with the moments, so they are put back to the phase-2 values afterwards, and each
 group's step counter (LAMB's bias-correction step) is reset to 0, as NVIDIA does.
+
+The hand-over between phases does not go through DeepSpeed's partitioned checkpoint
+(which loads only on the world size and ZeRO stage it was saved with): every run ends by
+writing ``OUT/phase_state.pt``, the full fp32 master weights and optimizer moments per
+parameter name (gathered with DeepSpeed's ``safe_get_full_*`` API), and phase 2 scatters
+them into its own partitioning. Phase 2 may therefore run on another number of nodes
+or another ZeRO stage than phase 1.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from lbllm.train.config import ConfigError
 from lbllm.train.engine import base_optimizer
 
 CHECKPOINT_SUBDIR = "checkpoints"
+PHASE_STATE = "phase_state.pt"
 
 
 def step_tag(step: int) -> str:
@@ -58,13 +66,77 @@ def resume(engine: Any, output_dir: Path) -> dict:
     return _load(engine, Path(output_dir) / CHECKPOINT_SUBDIR, load_lr_scheduler_states=True)
 
 
-def init_from_previous_phase(engine: Any, init_dir: Path) -> dict:
-    """Weights + optimizer moments from `init_dir`; steps, samples and schedule start anew."""
+def _zero_flats(engine: Any) -> list[torch.Tensor]:
+    """The flat fp32 partitions the base optimizer steps (empty without ZeRO)."""
+    from lbllm.optim.zero import _zero_optimizer
+
+    zopt = _zero_optimizer(engine)
+    if zopt is None:
+        return []
+    return list(getattr(zopt, "single_partition_of_fp32_groups", None) or zopt.fp32_partitioned_groups_flat)
+
+
+def _relink_optimizer_state(engine: Any) -> None:
+    """ZeRO 1/2 map each parameter to its optimizer-state fragments once, lazily, which can
+    happen before the state exists; redo it so safe_*_full_optimizer_state see the state."""
+    from lbllm.optim.zero import _zero_optimizer
+
+    zopt = _zero_optimizer(engine)
+    if zopt is not None and hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):
+        zopt._hp_optimizer_states_linked = False
+        zopt._lazy_init_hp_params_optimizer_state()
+
+
+def _state_keys(opt: torch.optim.Optimizer) -> list[str]:
+    for state in opt.state.values():
+        return sorted(k for k, v in state.items() if torch.is_tensor(v) and k != "step" and v.dim() > 0)
+    return []
+
+
+def save_phase_state(engine: Any, output_dir: Path, zero_stage: int) -> None:
+    """Write OUT/phase_state.pt (rank 0, atomically): fp32 weights + moments by parameter name.
+
+    A collective under ZeRO (every rank must call it): each parameter is gathered in turn.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
     opt = base_optimizer(engine)
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    client_state = _load(engine, Path(init_dir) / CHECKPOINT_SUBDIR, load_lr_scheduler_states=False)
-    for group, values in zip(opt.param_groups, fresh):
-        group.update(values)  # phase-2 lr, warmup position, betas, weight decay
+    keys = _state_keys(opt)
+    if zero_stage > 0:
+        _relink_optimizer_state(engine)
+    weights, moments = {}, {k: {} for k in keys}
+    for name, p in engine.module.named_parameters():
+        if zero_stage == 0:
+            w, st = p.detach().float(), opt.state.get(p, {})
+            values = {k: st[k] for k in keys if k in st}
+        else:
+            w = safe_get_full_fp32_param(p)
+            values = {k: safe_get_full_optimizer_state(p, k) for k in keys}
+        weights[name] = w.detach().cpu().clone()
+        for k, v in values.items():
+            if v is not None:
+                moments[k][name] = v.detach().float().cpu().clone()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    path = Path(output_dir) / PHASE_STATE
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": 1, "weights": weights, "moments": moments}, tmp)
+    os.replace(tmp, path)
+
+
+def init_from_previous_phase(engine: Any, init_dir: Path, zero_stage: int) -> dict:
+    """Weights + optimizer moments from `init_dir`; steps, samples and schedule start anew."""
+    path = Path(init_dir) / PHASE_STATE
+    opt = base_optimizer(engine)
+    if path.is_file():
+        _load_phase_state(engine, opt, path, zero_stage)
+        client_state: dict = {}
+    else:  # an output written before phase_state.pt existed: same world size and stage only
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        client_state = _load(engine, Path(init_dir) / CHECKPOINT_SUBDIR, load_lr_scheduler_states=False)
+        for group, values in zip(opt.param_groups, fresh):
+            group.update(values)  # phase-2 lr, warmup position, betas, weight decay
+    for group in opt.param_groups:
         if "step" in group:
             group["step"] = 0
     for state in opt.state.values():  # optimizers that count steps per parameter
@@ -75,6 +147,44 @@ def init_from_previous_phase(engine: Any, init_dir: Path) -> dict:
     engine.micro_steps = 0
     engine.skipped_steps = 0
     return client_state
+
+
+def _load_phase_state(engine: Any, opt: torch.optim.Optimizer, path: Path, zero_stage: int) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    # mmap: ranks on one node share the page cache instead of holding a copy each.
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    weights, moments = saved["weights"], saved["moments"]
+    names = [n for n, _ in engine.module.named_parameters()]
+    if sorted(names) != sorted(weights):
+        missing, extra = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
+        raise ConfigError(f"{path}: parameters do not match this model (missing {missing[:3]}, unexpected {extra[:3]}); "
+                          "use the same --model_config as phase 1")
+    # The optimizer creates its state lazily at the first step; make it now to fill it.
+    targets = _zero_flats(engine) if zero_stage > 0 else [p for _, p in engine.module.named_parameters()]
+    for t in targets:
+        state = opt.state[t]
+        for k in moments:
+            state.setdefault(k, torch.zeros_like(t, dtype=torch.float32))
+    if zero_stage > 0:
+        _relink_optimizer_state(engine)
+    for name, p in engine.module.named_parameters():
+        w = weights[name]
+        if zero_stage == 0:
+            with torch.no_grad():
+                p.copy_(w.to(p.dtype))
+            for k in moments:
+                opt.state[p][k].copy_(moments[k][name])
+            continue
+        # The module's (possibly bf16) copy, then the fp32 master and the moments.
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero_stage == 3):
+            if zero_stage < 3 or not dist.is_initialized() or dist.get_rank() == 0:
+                with torch.no_grad():
+                    p.copy_(w.to(device=p.device, dtype=p.dtype))
+        safe_set_full_fp32_param(p, w.to(engine.device))
+        for k in moments:
+            safe_set_full_optimizer_state(p, moments[k][name].to(engine.device), k)
 
 
 def fp32_module_state_dict(engine: Any, output_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor] | None:

@@ -69,10 +69,11 @@ class RunConfig:
                 f"--tokenizer {self.tokenizer}: no tokenizer there (build one with data_prep/build_tokenizer.py "
                 "or pass --tokenizer DIR)"
             )
-        if self.init_checkpoint is not None and not (self.init_checkpoint / "checkpoints" / "latest").is_file():
+        if self.init_checkpoint is not None and not (self.init_checkpoint / "phase_state.pt").is_file() \
+                and not (self.init_checkpoint / "checkpoints" / "latest").is_file():
             raise ConfigError(
-                f"--init_checkpoint {self.init_checkpoint}: no DeepSpeed checkpoint at "
-                f"{self.init_checkpoint / 'checkpoints'} (pass the output_dir of a finished phase-1 run)"
+                f"--init_checkpoint {self.init_checkpoint}: no phase_state.pt or DeepSpeed checkpoint there "
+                "(pass the output_dir of a finished phase-1 run)"
             )
 
 

@@ -159,7 +159,7 @@ class Trainer:
             sampler_state = state.get("sampler")
             self._log(f"resumed from step {start_step} ({consumed} samples consumed)")
         elif run.init_checkpoint is not None:
-            ckpt.init_from_previous_phase(engine, run.init_checkpoint)
+            ckpt.init_from_previous_phase(engine, run.init_checkpoint, s.resolved.zero_stage)
             self._log(f"initialized weights and optimizer moments from {run.init_checkpoint}; step count and schedule restart")
 
         sampler = GlobalBatchSampler(
@@ -265,6 +265,7 @@ class Trainer:
         metrics.close()
 
         tag = ckpt.save_checkpoint(engine, run.output_dir, step, self._client_state(step, consumed, sampler))
+        ckpt.save_phase_state(engine, run.output_dir, s.resolved.zero_stage)  # what phase 2 starts from
         state = ckpt.fp32_module_state_dict(engine, run.output_dir, tag, s.resolved.zero_stage)
         if state is not None:
             ckpt.export_hf(state, build_pretraining_model(s.bert_config), s.tokenizer, run.output_dir / "final")
