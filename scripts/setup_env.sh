@@ -14,6 +14,7 @@ VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+TIMM_VERSION=${TIMM_VERSION:-1.0.31}
 
 if "$PYTHON" -c "import torch" 2>/dev/null; then
     echo "setup: reusing torch $("$PYTHON" -c 'import torch; print(torch.__version__)') from $PYTHON"
@@ -36,4 +37,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     fi
 fi
 $PIP install --no-build-isolation -e ".[dev]"
+# timm is a test-only reference (tests/test_optim.py compares LAMB/LARS with timm.optim).
+# --no-deps: timm depends on torchvision, which would pull a second multi-GB torch; the
+# two optimizer files the tests load (tests/timm_ref.py) need only torch.
+if $PIP install -q --no-deps "timm==$TIMM_VERSION"; then
+    echo "setup: timm $("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("timm"))') (no deps, test reference only)"
+else
+    echo "setup: WARNING: 'pip install --no-deps timm==$TIMM_VERSION' failed; the timm comparison tests will be skipped" >&2
+fi
 "$VENV/bin/python" -c "import torch, deepspeed, transformers; print('setup: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"

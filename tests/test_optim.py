@@ -1,9 +1,11 @@
-"""lbllm.optim: LAMB / LARS against plain float64 references, state round trips, registry.
+"""lbllm.optim: LAMB / LARS against float64 references and timm, state round trips, registry.
 
 Exactness tests compare the fp32 multi-tensor optimizers with independent per-parameter
-float64 implementations written from the papers' formulas; the tolerance is stated where
+float64 implementations written from the papers' formulas, and with timm.optim's Lamb and
+Lars (a test-only reference, loaded by tests/timm_ref.py); the tolerance is stated where
 it is used. Each exactness property has a control that breaks it (a global instead of a
-per-parameter trust ratio, momentum correction off) and must then be detected.
+per-parameter trust ratio, momentum correction off, an option set on one side only) and
+must then be detected. Every LAMB kernel (native CPU, torch fused, foreach) is checked.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lbllm.optim import (
     list_optimizers,
     register_optimizer,
 )
+from lbllm.optim import cpu_kernel
 from lbllm.optim import registry as registry_mod
 
 BUILTIN = ["LAMB", "LAMBClamped", "LARC", "LARS", "NVLAMB"]
@@ -193,12 +196,26 @@ def weight_decays(model, wd):
             for n, p in model.named_parameters() if p.requires_grad]
 
 
+# LAMB's step has three kernels that must be the same math (lbllm/optim/lamb.py): lbllm's
+# one-pass CPU kernel (the CPU default), torch's fused Adam kernel (the CUDA default) and
+# separate foreach ops (any device).
+LAMB_IMPLS = {k: {"kernel": k} for k in ("native", "fused", "foreach")}
+
+
+def need_kernel(kernel):
+    if kernel == "native" and not cpu_kernel.available():
+        pytest.skip("lbllm's CPU LAMB kernel unavailable (no C compiler, or LBLLM_NATIVE_LAMB=0)")
+
+
 def run_against_reference(name, ref_cls, kwargs, steps=6, lr_schedule=None, grad_scale=1.0,
-                          **ref_extra):
+                          impl="native", **ref_extra):
     model = TinyNet()
     record = get_optimizer_record(name)
     options = {**record.defaults, **kwargs}
-    opt = create_optimizer(name, model, **kwargs)
+    impl_opts = LAMB_IMPLS[impl] if record.cls is Lamb else {}
+    if impl_opts:
+        need_kernel(impl)
+    opt = create_optimizer(name, model, **kwargs, **impl_opts)
     wd = options.get("weight_decay", record.default_of("weight_decay"))
     ref = ref_cls(trainable(model), weight_decays(model, wd), **options, **ref_extra)
     for t in range(steps):
@@ -229,10 +246,11 @@ LAMB_CASES = {
 }
 
 
+@pytest.mark.parametrize("impl", sorted(LAMB_IMPLS))
 @pytest.mark.parametrize("case", sorted(LAMB_CASES))
-def test_lamb_matches_float64_reference(case):
+def test_lamb_matches_float64_reference(case, impl):
     kwargs = LAMB_CASES[case]
-    model, ref, errs = run_against_reference("LAMB", RefLamb, kwargs)
+    model, ref, errs = run_against_reference("LAMB", RefLamb, kwargs, impl=impl)
     assert max(errs.values()) < REL_TOL, errs
     # The option under test must actually have been exercised.
     if "max_grad_norm" in kwargs:
@@ -294,6 +312,67 @@ def test_lamb_step_reset_restarts_bias_correction():
     assert all(g["step"] == 3 for g in opt.param_groups)
     for p, w in zip(trainable(model), ref.w):
         assert rel_err(p.detach(), w) < REL_TOL
+
+
+@pytest.mark.parametrize("kernel", ["auto", "foreach"])
+def test_lamb_non_contiguous_params_fall_back_to_foreach(kernel):
+    # torch's CPU fused kernel walks raw memory, so a transposed parameter with a row-major
+    # gradient would be updated element i with gradient element j: such tensors must not
+    # reach it (nor lbllm's CPU kernel); kernel="auto" falls back to the foreach ops (and
+    # still matches the reference), the two fused kernels refuse.
+    w = nn.Parameter(torch.randn(5, 4).t())
+    assert not w.is_contiguous()
+    opt = Lamb([w], lr=1e-2, kernel=kernel)
+    ref = RefLamb([w], [0.01], lr=1e-2)
+    for t in range(3):
+        w.grad = torch.randn(4, 5, generator=torch.Generator().manual_seed(t))
+        ref.step([w.grad])
+        opt.step()
+    assert rel_err(w, ref.w[0]) < REL_TOL
+    for strict in ("native", "fused"):
+        with pytest.raises(RuntimeError, match="contiguous"):
+            Lamb([w], lr=1e-2, kernel=strict).step()
+
+
+def test_lamb_auto_kernel_choice(monkeypatch):
+    model = TinyNet()
+    opt = create_optimizer("LAMB", model)
+    lists = [[p.detach() for p in trainable(model)]] * 4
+    expected = "native" if cpu_kernel.available() else "fused"
+    assert opt._pick_kernel("auto", *lists) == expected
+    monkeypatch.setattr(cpu_kernel, "_lib", None)  # no compiler: torch's fused kernel
+    assert opt._pick_kernel("auto", *lists) == "fused"
+    bf16 = [[p.detach().bfloat16() for p in trainable(model)]] * 4
+    assert opt._pick_kernel("auto", *bf16) == "foreach"  # (bf16 params arrive as fp32 copies)
+    with pytest.raises(ValueError, match="kernel"):
+        Lamb(trainable(model), kernel="cuda")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_lamb_native_kernel_splits_large_tensors_over_threads(threads):
+    # Tensors larger than one chunk (65536 elements), split over several threads: same
+    # result as the float64 reference, with clipping and without bias correction.
+    need_kernel("native")
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(300, 700, generator=gen)), nn.Parameter(torch.randn(7, generator=gen)),
+              nn.Parameter(torch.randn(70_001, generator=gen) * 0.1)]
+    kwargs = dict(lr=1e-2, max_grad_norm=1.0, bias_correction=False, adapt_no_decay=True)
+    opt = Lamb([{"params": params[:1], "weight_decay": 0.01}, {"params": params[1:], "weight_decay": 0.0}],
+               kernel="native", **kwargs)
+    ref = RefLamb(params, [0.01, 0.0, 0.0], **kwargs)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            ref.step([p.grad for p in params])
+            opt.step()
+    finally:
+        torch.set_num_threads(old)
+    assert ref.hits["clipped"] == 3
+    for p, w in zip(params, ref.w):
+        assert rel_err(p, w) < REL_TOL
 
 
 def test_lamb_leaves_grads_untouched_when_clipping():
@@ -610,3 +689,125 @@ def test_every_record_has_description_and_builds(name):
     record = get_optimizer_record(name)
     assert record.description
     assert isinstance(create_optimizer(name, TinyNet()), record.cls)
+
+
+# ---- against timm's Lamb and Lars (test-only reference, tests/timm_ref.py) ----------------
+#
+# timm is an independent fp32 implementation (NVIDIA FusedLAMB-style Lamb, apex-LARC-style
+# Lars). Both sides are fp32 with different operation orders, so after several steps the
+# weights agree to a few fp32 ulps of accumulated rounding, not bit for bit.
+TIMM_REL_TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def timm_optim():
+    from timm_ref import load_timm_optimizers
+
+    try:
+        return load_timm_optimizers()
+    except ImportError as exc:
+        pytest.skip(f"timm reference not installed ({exc}); scripts/setup_env.sh installs it")
+
+
+def run_against_timm(timm_cls, lbllm_name, lbllm_kwargs, timm_kwargs, steps=6, lr_schedule=None,
+                     grad_scale=1.0):
+    """Same TinyNet, same decay / no-decay groups, same gradients; worst relative error."""
+    ours, theirs = TinyNet(), TinyNet()
+    opt = create_optimizer(lbllm_name, ours, **lbllm_kwargs)
+    wd = opt.param_groups[0]["weight_decay"]
+    ref = timm_cls(build_param_groups(theirs, wd), **timm_kwargs)
+    for t in range(steps):
+        for o in (opt, ref):
+            if lr_schedule is not None:
+                for group in o.param_groups:
+                    group["lr"] = lr_schedule(t)
+        compute_grads(ours, t, grad_scale)
+        compute_grads(theirs, t, grad_scale)
+        opt.step()
+        ref.step()
+    return max(rel_err(p, q) for p, q in zip(trainable(ours), trainable(theirs)))
+
+
+# lbllm option -> timm option. timm's Lamb defaults max_grad_norm to 1.0 (FusedLAMB), lbllm's
+# LAMB to off, so it is always passed; timm's trust_clip is a clamp at 1 (LAMBC), i.e.
+# max_trust=1.0; always_adapt is adapt_no_decay; timm's decoupled_decay=False is the paper's
+# (and lbllm's) form, wd * w inside u and so inside ||u||.
+TIMM_LAMB_CASES = {
+    "paper": (dict(lr=1e-2), dict(lr=1e-2, max_grad_norm=None)),
+    "no_bias_correction": (dict(lr=1e-2, bias_correction=False),
+                           dict(lr=1e-2, max_grad_norm=None, bias_correction=False)),
+    "trust_clip": (dict(lr=1e-2, max_trust=1.0), dict(lr=1e-2, max_grad_norm=None, trust_clip=True)),
+    "nvlamb": (dict(lr=1e-2, adapt_no_decay=True, max_grad_norm=0.05),
+               dict(lr=1e-2, always_adapt=True, max_grad_norm=0.05)),
+    "betas_eps_wd": (dict(lr=2e-2, betas=(0.8, 0.99), eps=1e-4, weight_decay=0.1),
+                     dict(lr=2e-2, betas=(0.8, 0.99), eps=1e-4, max_grad_norm=None)),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(LAMB_IMPLS))
+@pytest.mark.parametrize("case", sorted(TIMM_LAMB_CASES))
+def test_lamb_matches_timm(timm_optim, case, kernel):
+    """lbllm LAMB == timm.optim.Lamb (grad_averaging=True, decoupled_decay=False, caution off).
+
+    Where the two differ in meaning, the settings avoid it: timm reads max_grad_norm from
+    the optimizer defaults only (lbllm requires one value in all groups); timm has no
+    lower clamp (min_trust) and only an upper one at 1 (trust_clip); timm's
+    decoupled_decay=True (AdamW-style decay outside the trust ratio) has no lbllm
+    counterpart. Adaptation follows the same rule on both sides: groups with
+    weight_decay != 0, or all groups with adapt_no_decay / always_adapt.
+    """
+    ours, theirs = TIMM_LAMB_CASES[case]
+    need_kernel(kernel)
+    err = run_against_timm(timm_optim["Lamb"], "LAMB", {**ours, "kernel": kernel}, theirs)
+    assert err < TIMM_REL_TOL, err
+
+
+def test_lamb_timm_comparison_can_fail(timm_optim):
+    # Controls: a setting that differs on one side only must show up as a disagreement.
+    lamb = timm_optim["Lamb"]
+    assert run_against_timm(lamb, "LAMB", dict(lr=1e-2), dict(lr=1e-2, max_grad_norm=None, trust_clip=True)) > 1e-3
+    assert run_against_timm(lamb, "LAMB", dict(lr=1e-2), dict(lr=1e-2, max_grad_norm=None, always_adapt=True)) > 1e-3
+    assert run_against_timm(lamb, "LAMB", dict(lr=1e-2), dict(lr=1e-2, max_grad_norm=0.05)) > 1e-3
+
+
+# timm's Lars is the u form (buffer of gradients, torch SGD), dampening 0; trust_coeff is
+# lbllm's trust_coefficient, trust_clip is LARC (clip=True), always_adapt is adapt_no_decay.
+# weight_decay reaches timm through the decay / no-decay groups (lbllm's LARS default 5e-4).
+TIMM_LARS_CASES = {
+    "lars": (dict(lr=0.5), dict(lr=0.5, momentum=0.9)),
+    "nesterov": (dict(lr=0.5, nesterov=True), dict(lr=0.5, momentum=0.9, nesterov=True)),
+    "no_momentum": (dict(lr=0.5, momentum=0.0), dict(lr=0.5, momentum=0.0)),
+    "adapt_no_decay": (dict(lr=0.5, adapt_no_decay=True), dict(lr=0.5, momentum=0.9, always_adapt=True)),
+    "larc": (dict(lr=2e-4, clip=True, adapt_no_decay=True),
+             dict(lr=2e-4, momentum=0.9, trust_clip=True, always_adapt=True)),
+    "coefficients": (dict(lr=0.3, momentum=0.8, weight_decay=1e-2, trust_coefficient=0.02, eps=1e-6),
+                     dict(lr=0.3, momentum=0.8, trust_coeff=0.02, eps=1e-6)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_LARS_CASES))
+def test_lars_matches_timm(timm_optim, case):
+    """lbllm LARS (u form) == timm.optim.Lars at a changing LR.
+
+    Settings avoid the one real difference: under LARC, timm clips the ratio of a tensor
+    with ||w|| = 0 or ||g|| = 0 too (to min(1/lr, 1)), where lbllm leaves it at 1; the two
+    agree for lr <= 1, as here. timm's weight_decay comes from the same decay / no-decay
+    groups. LARC runs at a constant LR so that both sides of its min() are exercised.
+    """
+    ours, theirs = TIMM_LARS_CASES[case]
+    schedule = None if ours.get("clip") else lr_changes
+    err = run_against_timm(timm_optim["Lars"], "LARS", ours, theirs, lr_schedule=schedule)
+    assert err < TIMM_REL_TOL, err
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_v_form_with_correction_matches_timm(timm_optim, nesterov):
+    # timm has only the u form; lbllm's v form with momentum correction must follow it across
+    # LR changes (to fp32 rounding of two algebraically equal recurrences), and without the
+    # correction it must not.
+    lars = timm_optim["Lars"]
+    theirs = dict(lr=0.2, momentum=0.9, nesterov=nesterov)
+    ours = dict(lr=0.2, momentum_form="v", nesterov=nesterov)
+    assert run_against_timm(lars, "LARS", ours, theirs, lr_schedule=lr_changes) < 1e-5
+    assert run_against_timm(lars, "LARS", {**ours, "momentum_correction": False}, theirs,
+                            lr_schedule=lr_changes) > 1e-3

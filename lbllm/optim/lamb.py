@@ -26,9 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import cpu_kernel
 from .param_groups import LayerwiseOptimizer, as_compute_dtype
 
-__all__ = ["Lamb"]
+__all__ = ["Lamb", "KERNELS"]
+
+KERNELS = ("auto", "native", "fused", "foreach")
 
 
 class Lamb(LayerwiseOptimizer):
@@ -63,9 +66,19 @@ class Lamb(LayerwiseOptimizer):
             i.e. plain Adam; ``True`` adapts every parameter (NVLAMB, and DeepSpeed's
             FusedLamb). Note that with ``weight_decay=0`` everywhere and the default,
             nothing is adapted.
+        kernel: how the step is computed, never what it computes (all agree with the
+            float64 reference to fp32 rounding, tests/test_optim.py; not bit for bit with
+            each other). ``"native"``: lbllm's one-pass CPU kernel
+            (lbllm/optim/cpu_kernel.py; contiguous fp32 CPU tensors, needs a C compiler on
+            first use); ``"fused"``: torch's fused Adam kernel (CPU and CUDA; contiguous
+            fp32/fp64) for the moments and the direction; ``"foreach"``: separate
+            ``torch._foreach_*`` ops (any device, dtype and layout). ``"auto"`` (default)
+            takes the first of these that the tensors and the machine allow. Memory passes
+            per step over parameter-sized fp32 data: about 10, 14 and 27.
 
-    Per step the work is a fixed number of ``torch._foreach_*`` calls per group: no
-    Python loop over parameters launches kernels and nothing waits on the device.
+    Per step the work is a fixed number of multi-tensor calls per group (the fused kernel
+    and ``torch._foreach_*`` ops): no Python loop over parameters launches kernels and
+    nothing waits on the device. Speed: scripts/bench_optim.py, docs/bench_optim.md.
     16-bit parameters keep fp32 state and are updated in fp32 (see LayerwiseOptimizer).
     """
 
@@ -81,6 +94,7 @@ class Lamb(LayerwiseOptimizer):
         max_trust: float | None = None,
         max_grad_norm: float | None = None,
         adapt_no_decay: bool = False,
+        kernel: str = "auto",
     ) -> None:
         betas = tuple(float(b) for b in betas)
         if lr < 0.0:
@@ -96,12 +110,15 @@ class Lamb(LayerwiseOptimizer):
                 raise ValueError(f"Lamb: {key} must be >= 0 or None, got {bound}")
         if min_trust is not None and max_trust is not None and min_trust > max_trust:
             raise ValueError(f"Lamb: min_trust ({min_trust}) > max_trust ({max_trust})")
+        if kernel not in KERNELS:
+            raise ValueError(f"Lamb: kernel must be one of {KERNELS}, got {kernel!r}")
         if max_grad_norm is not None and max_grad_norm < 0.0:
             raise ValueError(f"Lamb: max_grad_norm must be >= 0 or None, got {max_grad_norm}")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             bias_correction=bool(bias_correction), min_trust=min_trust, max_trust=max_trust,
             max_grad_norm=max_grad_norm, adapt_no_decay=bool(adapt_no_decay),
+            kernel=kernel,
         )
         super().__init__(params, defaults)
 
@@ -114,27 +131,124 @@ class Lamb(LayerwiseOptimizer):
         max_norm = limits.pop() if limits else 0.0
         grads = [g for _, gs in gathered for g in gs]
         if max_norm <= 0.0 or not grads:
-            return {"grad_scale": None}
+            return {"grad_divisor": None}
         params = [p for ps, _ in gathered for p in ps]
         total = self._global_sq_norm(grads, params).sqrt()
-        # max_norm / max(total, max_norm): 1 when under the limit, and never a division
-        # by zero. Stays a device tensor: no host sync.
-        return {"grad_scale": max_norm / total.clamp(min=max_norm)}
+        # Gradients are divided by max(total, max_norm) / max_norm (NVIDIA's form): 1 when
+        # under the limit, never a division by zero. Stays a device tensor: no host sync.
+        return {"grad_divisor": total.clamp(min=max_norm) / max_norm}
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    grad_scale: Tensor | None = None) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        group["step"] = step = int(group.get("step", 0)) + 1
-
+                    grad_divisor: Tensor | None = None) -> None:
+        group["step"] = int(group.get("step", 0)) + 1
         exp_avg, exp_avg_sq = self._state_tensors(params, ("exp_avg", "exp_avg_sq"))
         weights = as_compute_dtype(params)
+        kernel = self._pick_kernel(group.get("kernel", "auto"), weights, grads, exp_avg, exp_avg_sq)
+        step = {"native": self._native_step, "fused": self._fused_step, "foreach": self._foreach_step}[kernel]
+        step(group, params, weights, grads, exp_avg, exp_avg_sq, grad_divisor)
+        self._write_back(params, weights)
+
+    @staticmethod
+    def _pick_kernel(wanted: str, *lists: list[Tensor]) -> str:
+        if wanted in ("auto", "native") and cpu_kernel.usable(*lists) and cpu_kernel.available():
+            return "native"
+        if wanted in ("auto", "fused") and _fusable(*lists) and _fused_adam_supported(lists[0][0].device):
+            return "fused"
+        if wanted in ("auto", "foreach"):
+            return "foreach"
+        need = {"native": "contiguous fp32 CPU tensors and a C compiler (cc)",
+                "fused": "torch's fused Adam kernel on this device, and contiguous fp32/fp64 tensors of "
+                         "one dtype per parameter"}[wanted]
+        raise RuntimeError(f"Lamb(kernel={wanted!r}) needs {need}; use kernel='auto' to fall back")
+
+    # ---- native: lbllm's one-pass CPU kernel ---------------------------------------------
+    def _native_step(self, group, params, weights, grads, exp_avg, exp_avg_sq, grad_divisor) -> None:
+        """Moments, u and both norms in one pass (lbllm/optim/cpu_kernel.py), then the update.
+
+        Memory passes: the kernel reads w, g, m, v and writes m, v, u (7); the update reads
+        w, u and writes w (3). Under a ZeRO subclass (overridden per-parameter hooks) the
+        norms come from the hooks instead, two more reads.
+        """
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        bc = group["bias_correction"]
+        update = self._workspace(params)
+        w_sq, u_sq = cpu_kernel.lamb_moments_update(
+            weights, grads, exp_avg, exp_avg_sq, update, beta1=beta1, beta2=beta2,
+            bias_correction1=1.0 - beta1 ** group["step"] if bc else 1.0,
+            bias_correction2=1.0 - beta2 ** group["step"] if bc else 1.0,
+            eps=group["eps"], weight_decay=wd,
+            # A CPU tensor: reading it is not a device sync.
+            grad_divisor=1.0 if grad_divisor is None else float(grad_divisor),
+        )
+        if not (wd != 0.0 or group["adapt_no_decay"]):
+            torch._foreach_add_(weights, update, alpha=-lr)
+            return
+        if self._default_hooks():
+            w_sq, u_sq = w_sq.to(weights[0].dtype), u_sq.to(weights[0].dtype)
+        else:
+            w_sq, u_sq = self._per_param_sq_norms(weights, params), self._per_param_sq_norms(update, params)
+        ratio = self._trust_ratio(w_sq, u_sq, group)
+        torch._foreach_addcmul_(weights, update, self._per_param_broadcast(ratio * -lr, params))
+
+    def _default_hooks(self) -> bool:
+        cls = type(self)
+        return (cls._per_param_sq_norms is LayerwiseOptimizer._per_param_sq_norms
+                and cls._per_param_broadcast is LayerwiseOptimizer._per_param_broadcast)
+
+    # ---- fused: torch's one-pass Adam kernel computes the LAMB direction -----------------
+    def _fused_step(self, group, params, weights, grads, exp_avg, exp_avg_sq, grad_divisor) -> None:
+        """Moments and the update u in one pass of torch's fused AdamW kernel, then the ratio.
+
+        The kernel does ``x = x * (1 - a * d) - a * m_hat / (sqrt(v_hat) + eps)`` after
+        updating m and v in the same pass. On a copy of the weights with ``a = -1`` and
+        ``d = wd - 1`` that is ``x = wd * w + m_hat / (sqrt(v_hat) + eps) = u``: the LAMB
+        update, bias-corrected exactly as Algorithm 2 writes it (the kernel takes
+        ``1 - b^t`` from a step tensor; ``t = inf`` makes it exactly 1, i.e. no bias
+        correction). Memory traffic per element: copy w (2), kernel (read g, m, v, u; write
+        m, v, u: 7), two norms (2), the update (3) = 14 passes of 4 bytes, against 27 for
+        separate foreach ops (see ``_foreach_step``).
+        """
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        steps = [torch.full((), float(group["step"]) if group["bias_correction"] else math.inf,
+                            dtype=torch.float32, device=weights[0].device)] * len(weights)
+        divisor = None
+        if grad_divisor is not None:
+            # The kernel divides the gradients by grad_scale *and stores them back*: give it a
+            # scratch copy so p.grad stays untouched.
+            scratch = self._workspace(params, slot="grad")
+            torch._foreach_copy_(scratch, grads)
+            grads = scratch
+            divisor = grad_divisor.to(device=weights[0].device, dtype=torch.float32)
+        kernel = dict(beta1=beta1, beta2=beta2, eps=eps, amsgrad=False, maximize=False, grad_scale=divisor)
+
+        if not (wd != 0.0 or group["adapt_no_decay"]):
+            # Not adapted (and wd == 0): a plain Adam step, done in place on the weights.
+            torch._fused_adamw_(weights, grads, exp_avg, exp_avg_sq, [], steps, lr=lr, weight_decay=0.0, **kernel)
+            return
+        update = self._workspace(params)
+        torch._foreach_copy_(update, weights)
+        torch._fused_adamw_(update, grads, exp_avg, exp_avg_sq, [], steps, lr=-1.0, weight_decay=wd - 1.0, **kernel)
+        ratio = self._trust_ratio(
+            self._per_param_sq_norms(weights, params),
+            self._per_param_sq_norms(update, params),
+            group,
+        )
+        # w += (-lr * r) * u in one pass, the scalar broadcast per parameter.
+        torch._foreach_addcmul_(weights, update, self._per_param_broadcast(ratio * -lr, params))
+
+    # ---- foreach: separate multi-tensor ops (any device and dtype) ----------------------
+    def _foreach_step(self, group, params, weights, grads, exp_avg, exp_avg_sq, grad_divisor) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        step = group["step"]
         # Every temporary of the step lives in this one buffer per parameter; all other
         # ops are in place (see LayerwiseOptimizer._workspace for why that matters).
         work = self._workspace(params)
-        if grad_scale is not None:
+        if grad_divisor is not None:
             torch._foreach_copy_(work, grads)  # clip a copy: p.grad stays untouched
-            torch._foreach_mul_(work, grad_scale)
+            torch._foreach_div_(work, grad_divisor)
             grads = work
 
         # Moments. lerp_ is one pass for b1*m + (1-b1)*g.
@@ -172,7 +286,6 @@ class Lamb(LayerwiseOptimizer):
             torch._foreach_addcmul_(weights, update, self._per_param_broadcast(ratio * (-lr * k), params))
         else:
             torch._foreach_add_(weights, update, alpha=-lr * k)
-        self._write_back(params, weights)
 
     @staticmethod
     def _trust_ratio(w_sq: Tensor, u_sq: Tensor, group: dict[str, Any]) -> Tensor:
@@ -185,3 +298,40 @@ class Lamb(LayerwiseOptimizer):
         if lo is not None or hi is not None:
             ratio = ratio.clamp(min=lo, max=hi)
         return ratio
+
+
+_FUSED_SUPPORT: dict[str, bool] = {}
+
+
+def _fused_adam_supported(device: torch.device) -> bool:
+    """Whether torch's fused Adam kernel runs on this device type (CPU since torch 2.4, CUDA)."""
+    kind = device.type
+    if kind not in _FUSED_SUPPORT:
+        ok = hasattr(torch, "_fused_adamw_") and kind in ("cpu", "cuda")
+        if ok:
+            try:  # probe once: one element, the same call the step makes
+                t = [torch.ones(1, device=device)]
+                torch._fused_adamw_(t, [torch.ones(1, device=device)], [torch.zeros(1, device=device)],
+                                    [torch.zeros(1, device=device)], [], [torch.ones((), device=device)],
+                                    lr=-1.0, beta1=0.9, beta2=0.999, weight_decay=-0.99, eps=1e-6,
+                                    amsgrad=False, maximize=False)
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _FUSED_SUPPORT[kind] = ok
+    return _FUSED_SUPPORT[kind]
+
+
+def _fusable(*lists: list[Tensor]) -> bool:
+    """Whether the fused kernel can take these tensors: it walks raw memory on CPU (so every
+    tensor must be contiguous), wants one float32/float64 dtype per parameter (16-bit
+    params arrive here as fp32 copies) and one device per call (the step tensor's)."""
+    device = lists[0][0].device
+    for ts in zip(*lists):
+        dtype = ts[0].dtype
+        if dtype not in (torch.float32, torch.float64):
+            return False
+        for t in ts:
+            if t.dtype != dtype or t.device != device or not t.is_contiguous():
+                return False
+    return True
+

@@ -179,8 +179,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 lst.append(state[key])
         return out
 
-    def _workspace(self, params: Sequence[Tensor]) -> list[Tensor]:
+    def _workspace(self, params: Sequence[Tensor], slot: str = "work") -> list[Tensor]:
         """One scratch tensor per parameter (its shape, compute dtype), contents undefined.
+
+        ``slot`` names independent sets of buffers, for a step that needs two at once.
 
         On CPU the buffers persist across steps: there is no caching allocator, and
         fresh multi-MB allocations page-fault on every step, which costs several times
@@ -188,7 +190,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         caching allocator makes that free and the memory is better left to activations
         between steps. Never part of ``state_dict``.
         """
-        cache: dict[Tensor, Tensor] = self.__dict__.setdefault("_scratch", {})
+        cache: dict[Tensor, Tensor] = self.__dict__.setdefault("_scratch", {}).setdefault(slot, {})
         out = []
         for p in params:
             dtype = compute_dtype(p.dtype)
