@@ -2,19 +2,29 @@
 
     python data_prep/create_shards.py --input corpus/*.txt --tokenizer TOK \\
         --max_seq_length 128 --max_predictions_per_seq 20 --out data/seq128
+    python data_prep/create_shards.py --input 'wiki/*.jsonl' --text_field text ...
+    python data_prep/create_shards.py --hf_dataset wikimedia/wikipedia --hf_config 20231101.en ...
 
-Samples follow Google's create_pretraining_data.py (Devlin et al. 2019): NSP pairs of
-sentence runs, static 15% masking, ``dupe_factor`` differently-masked passes; see
-``lbllm/data/samples.py`` for the details and the defects of the reference we fix.
-The format is described in ``lbllm/data/shards.py``.
+Inputs: txt (blank-line separated documents), jsonl (``--text_field``), parquet (the
+same column), globs and directories, and any ``datasets`` dataset by name or saved
+directory (``--hf_dataset``); see ``lbllm/data/inputs.py`` for how each becomes
+documents and units. Samples follow Google's create_pretraining_data.py (Devlin et al.
+2019): NSP pairs of sentence runs, 15% masking, ``dupe_factor`` passes; see
+``lbllm/data/samples.py``. ``--masking dynamic`` stores unmasked samples and the reader
+masks them per epoch. The format is described in ``lbllm/data/shards.py``; the
+commands for large corpora and several machines in docs/data.md.
 
-Parallelism and determinism: the input files are cut into units of about
-``--unit_mb`` at blank lines (documents are never split); each unit is read,
-tokenized and turned into samples by one worker with generators seeded from
-``(seed, unit index)``, and the units are written in order. The output is therefore
-byte-identical for any ``--workers``. "Random next" segments are drawn from the other
-documents of the same unit: the unit is the reference's "all documents of this input
-file", and keeping the pool per unit keeps workers independent and memory bounded.
+Parallelism and determinism: the inputs are cut into units of about ``--unit_mb`` at
+document boundaries; each unit is read, tokenized and turned into samples by one worker
+with generators seeded from ``(seed, unit index)``, and the units are written in order.
+The output is therefore byte-identical for any ``--workers``. "Random next" segments
+are drawn from the other documents of the same unit: the unit is the reference's "all
+documents of this input file", and keeping the pool per unit keeps workers independent
+and memory bounded.
+
+Several machines: ``--num_parts K --part I`` plans the same units everywhere and takes
+the I-th of K contiguous ranges (balanced by bytes); ``data_prep/merge_shards.py`` then
+joins the parts into one set whose samples are exactly the single-machine output's.
 
 Atomicity: everything is written into ``OUT.tmp-XXXX`` next to OUT, manifest last, and
 the directory is renamed into place; an interrupted run leaves at most a stray temp
@@ -35,14 +45,26 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lbllm.data.samples import (
+from lbllm.data.inputs import (
+    INPUT_FORMATS,
     CorpusStats,
-    SampleConfig,
+    InputError,
+    ReadOptions,
+    Source,
     TextUnit,
-    Vocab,
-    expand_inputs,
-    id_dtype,
+    check_text_column,
+    file_sources,
+    open_hf_dataset,
+    plan_sha256,
     plan_units,
+)
+from lbllm.data.samples import (
+    MASKING_MODES,
+    SampleConfig,
+    Vocab,
+    id_dtype,
+    masking_config,
+    num_to_predict,
     unit_to_samples,
 )
 from lbllm.data.shards import (
@@ -51,9 +73,16 @@ from lbllm.data.shards import (
     ShardWriter,
     make_temp_dir,
     publish_directory,
+    shard_fields,
     tokenizer_fingerprint,
     write_json_atomic,
 )
+
+# NSP "random next" fraction this far from the asked-for probability gets a warning:
+# it means documents that cannot give an actual next (one-sentence documents, e.g.
+# headings) or units with a single document (no random partner).
+NSP_WARN_TOLERANCE = 0.05
+NSP_WARN_MIN_SAMPLES = 1000  # below this the fraction's own noise (sd ~0.016 at 1000) is too large
 
 
 class UsageError(ValueError):
@@ -71,6 +100,13 @@ class ShardJob:
     seed: int = 12345
     samples_per_shard: int = 100_000
     unit_mb: float = 1.0  # size of a unit of work and of its random-next document pool
+    input_format: str = "auto"  # auto | txt | jsonl | parquet (for --input files)
+    read: ReadOptions = ReadOptions()
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    num_parts: int = 1  # machines sharing the work; this one writes part `part`
+    part: int = 0
     workers: int = field(default=1, compare=False)  # does not change the output
 
     def __post_init__(self) -> None:
@@ -82,6 +118,10 @@ class ShardJob:
             raise UsageError(f"--unit_mb {self.unit_mb}: must be > 0")
         if self.workers < 1:
             raise UsageError(f"--workers {self.workers}: must be >= 1")
+        if not self.inputs and not self.hf_dataset:
+            raise UsageError("--input or --hf_dataset: give at least one source of text")
+        if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
+            raise UsageError(f"--part {self.part} of --num_parts {self.num_parts}: need 0 <= part < num_parts")
 
     @property
     def unit_bytes(self) -> int:
@@ -159,7 +199,8 @@ def load_tokenizer(tokenizer_dir: Path) -> TokenizerInfo:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_json: str, vocab: Vocab, cfg: SampleConfig, seed: int, single_thread: bool) -> None:
+def _init_worker(tokenizer_json: str, vocab: Vocab, cfg: SampleConfig, seed: int, single_thread: bool,
+                 read: ReadOptions = ReadOptions(), sources: tuple[Source, ...] = ()) -> None:
     if single_thread:
         # One process per core already; the Rust thread pool would only oversubscribe.
         os.environ["RAYON_NUM_THREADS"] = "1"
@@ -169,13 +210,14 @@ def _init_worker(tokenizer_json: str, vocab: Vocab, cfg: SampleConfig, seed: int
     tok.no_truncation()
     tok.no_padding()
     tok.encode_special_tokens = True  # "[SEP]" in the text is text, not a separator
-    _STATE.update(tokenizer=tok, vocab=vocab, cfg=cfg, seed=seed)
+    _STATE.update(tokenizer=tok, vocab=vocab, cfg=cfg, seed=seed, read=read, sources=sources)
 
 
 def _process_unit(job: tuple[int, TextUnit]) -> tuple[int, dict[str, np.ndarray], CorpusStats]:
     index, unit = job
     s = _STATE
-    batch, stats = unit_to_samples(unit, index, s["tokenizer"], s["vocab"], s["cfg"], s["seed"])
+    batch, stats = unit_to_samples(unit, index, s["tokenizer"], s["vocab"], s["cfg"], s["seed"], s["read"],
+                                   s["sources"])
     return unit.num_bytes, batch.arrays(), stats
 
 
@@ -184,65 +226,68 @@ def _process_unit(job: tuple[int, TextUnit]) -> tuple[int, dict[str, np.ndarray]
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class Plan:
+    """What this run will do, validated before anything is written."""
+
+    sources: tuple[Source, ...]
+    info: TokenizerInfo
+    units: list[TextUnit]  # the whole plan (every machine's)
+    first: int  # this part's units: units[first:end]
+    end: int
+    sha256: str
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
         raise UsageError(f"--out {out}: exists and is not a shard directory (no {MANIFEST_NAME}); choose another path")
 
 
-def prepare(job: ShardJob) -> tuple[list[Path], TokenizerInfo, list[TextUnit]]:
+def part_range(units: Sequence[TextUnit], num_parts: int, part: int) -> tuple[int, int]:
+    """Units ``[first, end)`` of ``part``: contiguous, balanced by bytes (unit ``u``
+    belongs to the part its first byte falls into when the plan's bytes are cut into
+    ``num_parts`` equal ranges). Every machine computes the same split."""
+    sizes = np.array([u.num_bytes for u in units], dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    total = max(1, int(sizes.sum()))
+    owner = np.minimum(num_parts - 1, starts * num_parts // total)
+    return int(np.searchsorted(owner, part, side="left")), int(np.searchsorted(owner, part, side="right"))
+
+
+def prepare(job: ShardJob) -> Plan:
     """Validate everything that can be validated before writing anything."""
-    files = expand_inputs(job.inputs)
-    if not files:
-        raise UsageError(f"--input {' '.join(job.inputs)}: no files match")
-    tok_dir = Path(job.tokenizer)
-    if not tok_dir.is_dir():
-        raise UsageError(f"--tokenizer {tok_dir}: directory not found (build one with data_prep/build_tokenizer.py)")
-    _check_out(Path(job.out))
-    info = load_tokenizer(tok_dir)
-    return files, info, plan_units(files, job.unit_bytes)
-
-
-def write_shards(job: ShardJob, files: list[Path], info: TokenizerInfo, units: list[TextUnit], tmp: Path) -> dict:
-    """Produce every shard and finally the manifest inside ``tmp``; returns the manifest."""
-    from tqdm import tqdm
-
-    cfg = job.samples
-    writer = ShardWriter(tmp, job.samples_per_shard, id_dtype(info.vocab.size))
-    stats = CorpusStats()
-    nsp_random = masked = samples = tokens_in_samples = 0
-    init_args = (info.json, info.vocab, cfg, job.seed, job.workers > 1)
-    jobs = list(enumerate(units))
-    pool = None
-    if job.workers > 1 and len(units) > 1:
-        # Fork before tqdm starts its monitor thread (forking a threaded process is unsafe).
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(min(job.workers, len(units)), initializer=_init_worker, initargs=init_args)
-        results = pool.imap(_process_unit, jobs)  # ordered: unit i is written i-th
-    else:
-        _init_worker(*init_args[:-1], single_thread=False)
-        results = map(_process_unit, jobs)
-    progress = tqdm(total=sum(u.num_bytes for u in units), unit="B", unit_scale=True, file=sys.stderr,
-                    desc="create_shards", dynamic_ncols=True, mininterval=1.0)
     try:
-        for num_bytes, arrays, unit_stats in results:
-            writer.add(arrays)
-            stats = stats + unit_stats
-            samples += int(arrays["lengths"].shape[0])
-            nsp_random += int(arrays["nsp"].sum())
-            masked += int(arrays["masked_count"].sum())
-            tokens_in_samples += int(arrays["lengths"].sum())
-            progress.update(num_bytes)
-            progress.set_postfix(samples=samples, refresh=False)
-        shards = writer.close()
-    finally:
-        progress.close()
-        if pool is not None:
-            pool.terminate()
-    if samples == 0:
-        raise UsageError(f"--input {' '.join(job.inputs)}: no samples (the text has no tokens)")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "num_samples": samples,
+        sources = file_sources(job.inputs, job.input_format) if job.inputs else []
+        if job.inputs and not sources:
+            raise UsageError(f"--input {' '.join(job.inputs)}: no files match")
+        if job.hf_dataset:
+            sources.append(Source("hf", job.hf_dataset, job.hf_config, job.hf_split))
+        tok_dir = Path(job.tokenizer)
+        if not tok_dir.is_dir():
+            raise UsageError(
+                f"--tokenizer {tok_dir}: directory not found (build one with data_prep/build_tokenizer.py)"
+            )
+        _check_out(Path(job.out))
+        info = load_tokenizer(tok_dir)
+        for source in sources:
+            check_text_column(source, job.read)
+        units = plan_units(sources, job.unit_bytes, job.read)
+        if not units:
+            where = " ".join(job.inputs) or job.hf_dataset
+            raise UsageError(f"--input {where}: the input is empty (no bytes or rows of text)")
+        sha = plan_sha256(sources, units, job.unit_bytes, job.read)
+    except InputError as e:
+        raise UsageError(str(e)) from e
+    first, end = part_range(units, job.num_parts, job.part)
+    return Plan(tuple(sources), info, units, first, end, sha)
+
+
+def _samples_config(job: ShardJob, info: TokenizerInfo) -> dict[str, Any]:
+    """The manifest keys that describe the samples (and, for dynamic sets, the rule the
+    reader applies). merge_shards.py requires these to agree between parts."""
+    cfg = job.samples
+    mask = masking_config(cfg, info.vocab)
+    out = {
         "seq_length": cfg.max_seq_length,
         "max_predictions_per_seq": cfg.max_predictions_per_seq,
         "masked_lm_prob": cfg.masked_lm_prob,
@@ -250,52 +295,178 @@ def write_shards(job: ShardJob, files: list[Path], info: TokenizerInfo, units: l
         "random_next_prob": cfg.random_next_prob,
         "whole_word_mask": cfg.whole_word_mask,
         "dupe_factor": cfg.dupe_factor,
+        "masking": cfg.masking,
         "seed": job.seed,
-        "samples_per_shard": job.samples_per_shard,
-        "unit_mb": job.unit_mb,
+        "mask_seed": job.seed,
         "tokenizer_fingerprint": info.fingerprint,
         "vocab_size": info.vocab.size,
         "special_ids": {"pad": info.vocab.pad_id, "cls": info.vocab.cls_id, "sep": info.vocab.sep_id,
                         "mask": info.vocab.mask_id},
+        "special_token_ids": list(mask.special_ids),
+    }
+    if cfg.whole_word_mask and cfg.masking == "dynamic":
+        out["continuation_ids"] = list(mask.continuation_ids)
+    return out
+
+
+class Progress:
+    """A tqdm bar on a terminal; in a log file (a cluster job) one plain line a minute,
+    so that logs stay readable and an error is the last line, on its own."""
+
+    def __init__(self, total: int, interval_s: float = 60.0):
+        import time
+
+        self._clock, self.total, self.interval_s = time.monotonic, total, interval_s
+        self.done, self._last = 0, self._clock()
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc="create_shards",
+                             dynamic_ncols=True, mininterval=1.0)
+
+    def update(self, num_bytes: int, samples: int) -> None:
+        self.done += num_bytes
+        if self._bar is not None:
+            self._bar.update(num_bytes)
+            self._bar.set_postfix(samples=samples, refresh=False)
+        elif self._clock() - self._last >= self.interval_s:
+            self._last = self._clock()
+            print(f"create_shards: {100 * self.done / max(1, self.total):.1f}% of {self.total:,} bytes, "
+                  f"{samples:,} samples", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
+    """Produce every shard of this part and finally the manifest inside ``tmp``."""
+    cfg, info = job.samples, plan.info
+    units = plan.units[plan.first : plan.end]
+    writer = ShardWriter(tmp, job.samples_per_shard, id_dtype(info.vocab.size), shard_fields(cfg.masking))
+    stats = CorpusStats()
+    nsp_random = masked = samples = tokens_in_samples = 0
+    init_args = (info.json, info.vocab, cfg, job.seed, job.workers > 1, job.read, plan.sources)
+    jobs = [(plan.first + i, u) for i, u in enumerate(units)]  # global unit index: the seed
+    pool = None
+    if job.workers > 1 and len(units) > 1:
+        for source in plan.sources:
+            if source.kind == "hf":
+                open_hf_dataset(source)  # forked workers inherit the open (memory-mapped) dataset
+        # Fork before tqdm starts its monitor thread (forking a threaded process is unsafe).
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(min(job.workers, len(units)), initializer=_init_worker, initargs=init_args)
+        results = pool.imap(_process_unit, jobs)  # ordered: unit i is written i-th
+    else:
+        _init_worker(*init_args[:4], single_thread=False, read=job.read, sources=plan.sources)
+        results = map(_process_unit, jobs)
+    progress = Progress(sum(u.num_bytes for u in units))
+    try:
+        for num_bytes, arrays, unit_stats in results:
+            writer.add(arrays)
+            stats = stats + unit_stats
+            samples += int(arrays["lengths"].shape[0])
+            nsp_random += int(arrays["nsp"].sum())
+            if cfg.masking == "static":
+                masked += int(arrays["masked_count"].sum())
+            else:  # what the reader will draw: the rule's count (every non-special token is a candidate)
+                masked += int(num_to_predict(arrays["lengths"], cfg).sum())
+            tokens_in_samples += int(arrays["lengths"].sum())
+            progress.update(num_bytes, samples)
+        shards = writer.close()
+    except InputError as e:
+        raise UsageError(str(e)) from e
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    if samples == 0 and job.num_parts == 1:
+        where = " ".join(job.inputs) or job.hf_dataset
+        raise UsageError(f"--input {where}: no samples (the text has no tokens)")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "num_samples": samples,
+        **_samples_config(job, info),
+        "samples_per_shard": job.samples_per_shard,
+        "unit_mb": job.unit_mb,
         "nsp_label": "1 = B is a random segment, 0 = B is the actual next (Hugging Face convention)",
-        "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in files],
+        "read_options": {"text_field": job.read.text_field, "headings": job.read.headings,
+                         "on_bad_record": job.read.on_bad_record},
+        "inputs": [source.describe() for source in plan.sources],
+        "plan": {"units": len(plan.units), "sha256": plan.sha256},
         "shards": shards,
         "stats": {
             "units": len(units),
+            "units_cut_inside_document": sum(u.forced_cut for u in units),
             "documents": stats.documents,
             "empty_documents_skipped": stats.empty_documents,
             "sentences": stats.sentences,
             "long_sentences_split": stats.long_sentences_split,
             "decode_errors": stats.decode_errors,
+            "bad_records_skipped": stats.bad_records,
+            "headings_dropped": stats.headings_dropped,
             "pairs_skipped": stats.pairs_skipped,
             "text_tokens": stats.tokens,
             "sample_tokens": tokens_in_samples,
-            "nsp_random_fraction": nsp_random / samples,
-            "mean_masked_count": masked / samples,
+            "nsp_random_samples": nsp_random,
+            "masked_tokens": masked,
+            "nsp_random_fraction": nsp_random / max(1, samples),
+            "mean_masked_count": masked / max(1, samples),
         },
     }
+    if job.num_parts > 1:
+        manifest["part"] = {"index": job.part, "num_parts": job.num_parts, "units": [plan.first, plan.end]}
     write_json_atomic(tmp / MANIFEST_NAME, manifest)  # last: its presence marks completeness
     return manifest
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """``mkdir -p`` of ``path``'s parent; returns the directories it created."""
+    created = []
+    parent = path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return created
+
+
 def run(job: ShardJob) -> dict:
     """Validate, write into a temp directory, publish. Returns the manifest."""
-    files, info, units = prepare(job)
+    plan = prepare(job)
     out = Path(job.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(out)
     tmp = make_temp_dir(out)
     try:
-        manifest = write_shards(job, files, info, units, tmp)
+        manifest = write_shards(job, plan, tmp)
         publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in created:  # innermost first; only if still empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
         raise
     return manifest
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ShardJob:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="text files, globs or directories")
+    src = p.add_argument_group("input")
+    src.add_argument("--input", nargs="+", default=[], help="txt/jsonl/parquet files, globs or directories")
+    src.add_argument("--input_format", default="auto", choices=("auto", *INPUT_FORMATS),
+                     help="format of --input files (auto: by extension, .jsonl/.json/.ndjson, .parquet, else txt)")
+    src.add_argument("--text_field", default="text", help="jsonl key / parquet and datasets column holding the text")
+    src.add_argument("--hf_dataset", help="a `datasets` dataset: a name for load_dataset or a save_to_disk directory")
+    src.add_argument("--hf_config", help="its configuration name (e.g. 20231101.en for wikimedia/wikipedia)")
+    src.add_argument("--hf_split", default="train")
+    src.add_argument("--headings", default="keep", choices=("keep", "drop", "articles"),
+                     help="wikitext-style '= Heading =' lines: keep as text, drop, or articles (a '= Title =' line "
+                          "starts a document, section headings are dropped, blank lines do not split)")
+    src.add_argument("--on_bad_record", default="error", choices=("error", "skip"),
+                     help="a jsonl line that is not an object with a string --text_field: stop, or count and skip it")
     p.add_argument("--tokenizer", required=True, help="directory written by data_prep/build_tokenizer.py")
     p.add_argument("--max_seq_length", type=int, required=True)
     p.add_argument("--out", required=True, help="output directory (replaced if it holds shards)")
@@ -304,10 +475,15 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardJob:
     p.add_argument("--masked_lm_prob", type=float, default=0.15)
     p.add_argument("--short_seq_prob", type=float, default=0.1)
     p.add_argument("--whole_word_mask", action="store_true", help="mask all pieces of a word together")
+    p.add_argument("--masking", default="static", choices=MASKING_MODES,
+                   help="static: masks drawn now and stored; dynamic: stored unmasked, masked by the reader per epoch")
     p.add_argument("--samples_per_shard", type=int, default=100_000)
     p.add_argument("--unit_mb", type=float, default=1.0, help="work unit / random-next pool size (MiB)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--num_parts", type=int, default=1,
+                   help="machines preparing this set together (then data_prep/merge_shards.py)")
+    p.add_argument("--part", type=int, default=0, help="which of the --num_parts this machine writes (0-based)")
     a = p.parse_args(argv)
     try:
         samples = SampleConfig(
@@ -317,12 +493,16 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardJob:
             short_seq_prob=a.short_seq_prob,
             dupe_factor=a.dupe_factor,
             whole_word_mask=a.whole_word_mask,
+            masking=a.masking,
         )
+        read = ReadOptions(text_field=a.text_field, headings=a.headings, on_bad_record=a.on_bad_record)
     except ValueError as e:
         raise UsageError(f"--{e}") from e
     return ShardJob(
         inputs=tuple(a.input), tokenizer=a.tokenizer, out=a.out, samples=samples, seed=a.seed,
-        samples_per_shard=a.samples_per_shard, unit_mb=a.unit_mb, workers=a.workers,
+        samples_per_shard=a.samples_per_shard, unit_mb=a.unit_mb, input_format=a.input_format, read=read,
+        hf_dataset=a.hf_dataset, hf_config=a.hf_config, hf_split=a.hf_split, num_parts=a.num_parts, part=a.part,
+        workers=a.workers,
     )
 
 
@@ -334,11 +514,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"create_shards: {e}", file=sys.stderr)
         return 2
     s = manifest["stats"]
+    part = f" (part {job.part} of {job.num_parts})" if job.num_parts > 1 else ""
     print(
         f"create_shards: {manifest['num_samples']} samples of length {manifest['seq_length']} in "
-        f"{len(manifest['shards'])} shard(s) from {s['documents']} documents -> {job.out}",
+        f"{len(manifest['shards'])} shard(s) from {s['documents']} documents{part} -> {job.out}",
         file=sys.stderr,
     )
+    expected = job.samples.random_next_prob
+    skewed = abs(s["nsp_random_fraction"] - expected) > NSP_WARN_TOLERANCE
+    if manifest["num_samples"] >= NSP_WARN_MIN_SAMPLES and skewed:
+        print(
+            f"create_shards: warning: NSP random-next fraction {s['nsp_random_fraction']:.3f}, expected {expected}: "
+            "many one-sentence documents (headings? try --headings drop/articles) or one-document units "
+            "(no blank lines?); see docs/data.md",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -1,7 +1,10 @@
-"""Pretraining data: shard format and reader, global-batch sampler, sample creation.
+"""Pretraining data: inputs, sample creation, masking, shard format and reader, sampler.
 
-``samples`` turns text into BERT samples (used by data_prep/create_shards.py),
-``shards`` stores and reads them, ``sampler`` decides which rank sees which sample.
+``inputs`` reads txt/jsonl/parquet files and ``datasets`` datasets and cuts them into
+units of work, ``samples`` turns text into BERT samples (both used by
+data_prep/create_shards.py), ``masking`` is the MLM corruption (static at preparation,
+dynamic per epoch in the reader), ``shards`` stores and reads samples, ``sampler``
+decides which rank sees which sample. See docs/data.md.
 """
 from lbllm.data.sampler import GlobalBatchSampler
 from lbllm.data.shards import DataError, PretrainingDataset, tokenizer_fingerprint

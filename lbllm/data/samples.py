@@ -12,9 +12,11 @@ Language Understanding", section 3.1 and appendix A.1):
   (label 1); the sentences that were not used are put back for the next pair.
 * 15% of the tokens (``max(1, round(len * 0.15))``, capped at
   ``max_predictions_per_seq``) are selected for prediction; of those 80% become
-  ``[MASK]``, 10% a random token, 10% stay unchanged. Masking is static: it is drawn
-  once here and stored, and ``dupe_factor`` passes over the corpus give each document
-  several different maskings, as in the original recipe.
+  ``[MASK]``, 10% a random token, 10% stay unchanged (``lbllm.data.masking``). Static
+  masking draws this once here and stores it, and ``dupe_factor`` passes over the
+  corpus give each document several different maskings, as in the original recipe.
+  Dynamic masking stores the unmasked samples and the reader masks them anew every
+  epoch, as a pure function of (seed, epoch, global sample index).
 
 Where the reference script has known defects we do it right and say so:
 
@@ -35,28 +37,35 @@ Where the reference script has known defects we do it right and say so:
   being mostly truncated away later.
 
 Everything random is derived from ``(seed, unit index, purpose, pass)`` so the output of
-a unit does not depend on which process computed it or how many there were.
+a unit does not depend on which process or machine computed it or how many there were.
+Where the text comes from and how it is cut into units is ``lbllm.data.inputs``.
 """
 from __future__ import annotations
 
-import glob
-import os
 import random
 import re
 from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-# Devlin et al. 2019, section 3.1: of the selected positions 80% -> [MASK],
-# 10% -> a random token, 10% -> unchanged.
-MASK_TOKEN_PROB = 0.8
-RANDOM_TOKEN_PROB = 0.1
+from lbllm.data.inputs import (  # noqa: F401  (re-exported: the unit API lived here before)
+    CorpusStats,
+    ReadOptions,
+    Source,
+    TextUnit,
+    expand_inputs,
+    plan_units,
+    read_documents,
+)
+from lbllm.data.masking import MaskingConfig, derive_seed, mask_tokens, row_keys
+
+MASKING_MODES = ("static", "dynamic")
 
 # Purposes mixed into the seeds so that the streams are independent.
 _STREAM_PAIRS = 0
 _STREAM_MASK = 1
+_STREAM_ORDER = 2
 
 # ---------------------------------------------------------------------------------------
 # Sentence splitting
@@ -97,75 +106,6 @@ def split_sentences(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
-# Input files and units of work
-# ---------------------------------------------------------------------------------------
-
-
-def expand_inputs(patterns: Iterable[str]) -> list[Path]:
-    """Files named by paths, globs (``**`` allowed) or directories (their files), sorted
-    within each pattern, duplicates dropped, order of the patterns kept."""
-    seen: set[Path] = set()
-    files: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            matches = sorted(p for p in path.iterdir() if p.is_file())
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        for match in matches:
-            key = match.resolve()
-            if key not in seen:
-                seen.add(key)
-                files.append(match)
-    return files
-
-
-@dataclass(frozen=True)
-class TextUnit:
-    """A byte range ``[start, end)`` of one input file that begins and ends on document
-    boundaries. Units are the unit of parallel work and of randomness; their layout
-    depends only on the files and ``unit_bytes``, never on the number of workers."""
-
-    path: str
-    start: int
-    end: int
-
-    @property
-    def num_bytes(self) -> int:
-        return self.end - self.start
-
-
-def plan_units(paths: Sequence[Path], unit_bytes: int) -> list[TextUnit]:
-    """Cut every file into units of about ``unit_bytes``, each cut placed just after the
-    first blank line at or past the nominal offset (so no document is split)."""
-    if unit_bytes <= 0:
-        raise ValueError(f"unit_bytes must be positive, got {unit_bytes}")
-    units: list[TextUnit] = []
-    for path in paths:
-        size = os.path.getsize(path)
-        cuts = [0]
-        with open(path, "rb") as f:
-            target = unit_bytes
-            while target < size:
-                f.seek(target)
-                pos = target + len(f.readline())  # finish the line we landed in
-                while pos < size:
-                    line = f.readline()
-                    pos += len(line)
-                    if not line.strip():
-                        break
-                if pos >= size:
-                    break
-                cuts.append(pos)
-                target = pos + unit_bytes
-        cuts.append(size)
-        units.extend(TextUnit(str(path), a, b) for a, b in zip(cuts, cuts[1:]) if b > a)
-    return units
-
-
-# ---------------------------------------------------------------------------------------
 # Configuration and vocabulary
 # ---------------------------------------------------------------------------------------
 
@@ -181,8 +121,11 @@ class SampleConfig:
     dupe_factor: int = 1  # passes over the corpus, each with its own pairs and masks
     random_next_prob: float = 0.5
     whole_word_mask: bool = False  # mask all word pieces of a word together
+    masking: str = "static"  # static: drawn here and stored; dynamic: drawn by the reader per epoch
 
     def __post_init__(self) -> None:
+        if self.masking not in MASKING_MODES:
+            raise ValueError(f"masking {self.masking}: must be one of {', '.join(MASKING_MODES)}")
         if not 8 <= self.max_seq_length <= 4096:
             raise ValueError(f"max_seq_length {self.max_seq_length}: must be in [8, 4096]")
         if not 1 <= self.max_predictions_per_seq <= self.max_seq_length:
@@ -219,15 +162,25 @@ class Vocab:
     def size(self) -> int:
         return len(self.tokens)
 
-    def random_pool(self) -> np.ndarray:
-        """Ids a random replacement may take: every non-special token."""
-        pool = np.ones(self.size, dtype=bool)
-        pool[list(self.special_ids)] = False
-        return np.flatnonzero(pool)
-
     def continuation_mask(self) -> np.ndarray:
         """``True`` for WordPiece continuation tokens (``##x``), for whole-word masking."""
         return np.array([t.startswith("##") for t in self.tokens], dtype=bool)
+
+
+def masking_config(cfg: SampleConfig, vocab: Vocab) -> MaskingConfig:
+    """The masking rule of ``cfg`` over ``vocab`` (its fields also go into the manifest,
+    so the reader can apply the same rule)."""
+    return MaskingConfig(
+        max_predictions=cfg.max_predictions_per_seq,
+        masked_lm_prob=cfg.masked_lm_prob,
+        mask_id=vocab.mask_id,
+        special_ids=tuple(vocab.special_ids),
+        vocab_size=vocab.size,
+        whole_word_mask=cfg.whole_word_mask,
+        continuation_ids=(
+            tuple(int(i) for i in np.flatnonzero(vocab.continuation_mask())) if cfg.whole_word_mask else ()
+        ),
+    )
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -236,56 +189,13 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 # ---------------------------------------------------------------------------------------
-# Reading and tokenizing a unit
+# Tokenizing a unit
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class CorpusStats:
-    """Counts reported in the manifest; ``+`` merges the counts of two units."""
-
-    documents: int = 0  # documents that produced at least one token
-    empty_documents: int = 0  # blank-line-separated blocks with no tokens (control chars etc.)
-    sentences: int = 0
-    decode_errors: int = 0  # lines that were not valid UTF-8 (read with replacement chars)
-    long_sentences_split: int = 0  # sentences cut into max_num_tokens pieces
-    pairs_skipped: int = 0  # one-sentence documents alone in their unit (no random partner)
-    tokens: int = 0  # text tokens read (before pairing)
-
-    def __add__(self, other: "CorpusStats") -> "CorpusStats":
-        return CorpusStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-
-def read_documents(unit: TextUnit, stats: CorpusStats) -> list[list[str]]:
-    """The documents of a unit, each a list of sentences.
-
-    Lines are decoded one by one so that invalid UTF-8 costs one counted line with
-    U+FFFD replacement characters, not the file. Blank (whitespace-only) lines separate
-    documents."""
-    documents: list[list[str]] = []
-    current: list[str] = []
-    with open(unit.path, "rb") as f:
-        f.seek(unit.start)
-        remaining = unit.num_bytes
-        while remaining > 0:
-            raw = f.readline(remaining)
-            if not raw:
-                break
-            remaining -= len(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
-                stats.decode_errors += 1
-            sentences = split_sentences(line)
-            if sentences:
-                current.extend(sentences)
-            elif current:
-                documents.append(current)
-                current = []
-    if current:
-        documents.append(current)
-    return documents
+def split_documents(documents: list[list[str]]) -> list[list[str]]:
+    """Documents of lines -> documents of sentences."""
+    return [[s for line in doc for s in split_sentences(line)] for doc in documents]
 
 
 def tokenize_documents(
@@ -492,87 +402,20 @@ def pack_pairs(pairs: list[Pair], cfg: SampleConfig, vocab: Vocab) -> SampleBatc
 
 
 def num_to_predict(lengths: np.ndarray, cfg: SampleConfig) -> np.ndarray:
-    """``min(P, max(1, round(len * masked_lm_prob)))`` per row; ``len`` counts the
-    special tokens, as in the reference; ``rint`` rounds half to even like Python 3."""
-    k = np.rint(lengths.astype(np.float64) * cfg.masked_lm_prob).astype(np.int64)
+    """Positions to mask per row (``lbllm.data.masking.MaskingConfig.num_to_predict``)."""
+    k = np.rint(np.asarray(lengths, dtype=np.float64) * cfg.masked_lm_prob).astype(np.int64)
     return np.minimum(cfg.max_predictions_per_seq, np.maximum(1, k))
 
 
-def _select_positions(batch: SampleBatch, cand: np.ndarray, k: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """[N, P] selected positions (ascending, -1 padded): k random candidates per row,
-    drawn for the whole batch at once by sorting random keys."""
-    n, length = cand.shape
-    p = batch.masked_positions.shape[1]
-    keys = rng.random((n, length))
-    keys[~cand] = 2.0  # non-candidates sort last
-    order = np.argsort(keys, axis=1, kind="stable")[:, :p]
-    valid = np.arange(p)[None, :] < k[:, None]
-    chosen = np.where(valid, order, length)
-    chosen.sort(axis=1)
-    return np.where(chosen < length, chosen, -1)
-
-
-def _select_whole_words(
-    batch: SampleBatch, cand: np.ndarray, k: np.ndarray, is_continuation: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
-    """Whole-word variant: words (a piece plus the ``##`` continuations right after it)
-    in random order, taken greedily, skipping a word that would overshoot ``k`` (the
-    reference rule). Word boundaries, lengths and the shuffle are computed for the
-    whole batch; only the short greedy walk runs per row."""
-    n, length = cand.shape
-    p = batch.masked_positions.shape[1]
-    prev_cand = np.zeros_like(cand)
-    prev_cand[:, 1:] = cand[:, :-1]
-    starts = cand & ~(is_continuation[batch.input_ids] & prev_cand)  # first piece of each word
-    word = np.cumsum(starts, axis=1) - 1  # word index of every position (valid where cand)
-    rows = np.broadcast_to(np.arange(n)[:, None], cand.shape)
-    word_len = np.bincount((rows * length + word)[cand], minlength=n * length).reshape(n, length)
-    len_at_start = np.where(starts, word_len[rows, np.maximum(word, 0)], 0)
-    keys = rng.random((n, length))
-    keys[~starts] = 2.0
-    order = np.argsort(keys, axis=1, kind="stable")  # word starts in random order first
-    num_words = starts.sum(axis=1)
-    chosen = np.full((n, p), -1, dtype=np.int64)
-    for r in range(n):
-        starts_r = order[r, : num_words[r]]
-        picked: list[int] = []
-        budget = int(k[r])
-        for pos, size in zip(starts_r.tolist(), len_at_start[r, starts_r].tolist()):
-            if len(picked) >= budget:
-                break
-            if len(picked) + size <= budget:
-                picked.extend(range(pos, pos + size))
-        picked.sort()
-        chosen[r, : len(picked)] = picked
-    return chosen
-
-
-def mask_batch(batch: SampleBatch, cfg: SampleConfig, vocab: Vocab, rng: np.random.Generator) -> None:
-    """Draw the static MLM masking of every row in place (Devlin et al. 2019, 3.1)."""
-    n, length = batch.input_ids.shape
-    if n == 0:
+def mask_batch(batch: SampleBatch, mask_cfg: MaskingConfig, keys: np.ndarray) -> None:
+    """Apply the static MLM masking of every row in place (row ``r`` uses ``keys[r]``)."""
+    if batch.num_samples == 0:
         return
-    positions = np.arange(length)[None, :]
-    specials = np.isin(batch.input_ids, np.asarray(vocab.special_ids))
-    cand = (positions < batch.lengths[:, None]) & ~specials
-    k = np.minimum(num_to_predict(batch.lengths, cfg), cand.sum(axis=1))
-    if cfg.whole_word_mask:
-        chosen = _select_whole_words(batch, cand, k, vocab.continuation_mask(), rng)
-    else:
-        chosen = _select_positions(batch, cand, k, rng)
-    valid = chosen >= 0
-    rows = np.broadcast_to(np.arange(n)[:, None], chosen.shape)
-    r, c = rows[valid], chosen[valid]
-    original = batch.input_ids[r, c]
-    batch.masked_positions[valid] = c
-    batch.masked_ids[valid] = original
-    batch.masked_count[:] = valid.sum(axis=1)
-    u = rng.random(r.shape[0])
-    pool = vocab.random_pool()
-    random_ids = pool[rng.integers(0, pool.shape[0], size=r.shape[0])]
-    keep_or_random = np.where(u < MASK_TOKEN_PROB + RANDOM_TOKEN_PROB, random_ids, original)
-    replaced = np.where(u < MASK_TOKEN_PROB, vocab.mask_id, keep_or_random)
-    batch.input_ids[r, c] = replaced
+    m = mask_tokens(batch.input_ids, batch.lengths, mask_cfg, keys)
+    batch.input_ids[:] = m.input_ids
+    batch.masked_positions[:] = m.positions
+    batch.masked_ids[:] = m.ids
+    batch.masked_count[:] = m.count
 
 
 # ---------------------------------------------------------------------------------------
@@ -580,33 +423,38 @@ def mask_batch(batch: SampleBatch, cfg: SampleConfig, vocab: Vocab, rng: np.rand
 # ---------------------------------------------------------------------------------------
 
 
-def derive_seed(*keys: int) -> int:
-    """A 64-bit seed from a tuple of non-negative ints (NumPy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
-
-
 def documents_to_samples(
     documents: list[list[list[int]]], cfg: SampleConfig, vocab: Vocab, seed: int, unit_index: int, stats: CorpusStats
 ) -> SampleBatch:
-    """Pairs for ``dupe_factor`` passes (each with its own generator), packed, masked,
-    and shuffled within the unit. Random-next segments come from this unit's documents."""
+    """Pairs for ``dupe_factor`` passes (each with its own generator), packed, masked
+    (static) or left unmasked (dynamic), and shuffled within the unit. Random-next
+    segments come from this unit's documents. The pairs and their order do not depend
+    on the masking mode: a dynamic set holds the same samples as a static one."""
     pairs: list[Pair] = []
     for dupe in range(cfg.dupe_factor):
         rng = random.Random(derive_seed(seed, unit_index, _STREAM_PAIRS, dupe))
         for d in range(len(documents)):
             pairs.extend(document_pairs(documents, d, cfg, rng, stats))
     batch = pack_pairs(pairs, cfg, vocab)
-    mask_rng = np.random.default_rng(derive_seed(seed, unit_index, _STREAM_MASK))
-    mask_batch(batch, cfg, vocab, mask_rng)
-    order = mask_rng.permutation(batch.num_samples)
+    if cfg.masking == "static":
+        keys = row_keys((seed, unit_index, _STREAM_MASK), np.arange(batch.num_samples))
+        mask_batch(batch, masking_config(cfg, vocab), keys)
+    order = np.random.default_rng(derive_seed(seed, unit_index, _STREAM_ORDER)).permutation(batch.num_samples)
     return SampleBatch(**{name: a[order] for name, a in batch.arrays().items()})
 
 
 def unit_to_samples(
-    unit: TextUnit, unit_index: int, tokenizer, vocab: Vocab, cfg: SampleConfig, seed: int
+    unit: TextUnit,
+    unit_index: int,
+    tokenizer,
+    vocab: Vocab,
+    cfg: SampleConfig,
+    seed: int,
+    options: ReadOptions = ReadOptions(),
+    sources: Sequence[Source] = (),
 ) -> tuple[SampleBatch, CorpusStats]:
     """Read, split, tokenize and turn one unit into samples."""
     stats = CorpusStats()
-    documents = read_documents(unit, stats)
+    documents = split_documents(read_documents(unit, stats, options, sources))
     tokens = tokenize_documents(tokenizer, documents, cfg.max_num_tokens, stats)
     return documents_to_samples(tokens, cfg, vocab, seed, unit_index, stats), stats

@@ -3,22 +3,32 @@
 Layout of a data directory written by ``data_prep/create_shards.py``::
 
     manifest.json                       written last: its presence means "complete"
-    shard-00000.input_ids.npy           [N, L] uint16 (int32 if vocab > 65536), masked, 0-padded
+    shard-00000.input_ids.npy           [N, L] uint16 (int32 if vocab > 65536), 0-padded;
+                                        masked (static) or the original text (dynamic)
     shard-00000.lengths.npy             [N] int16   real tokens incl. [CLS]/[SEP]
     shard-00000.segment_b_start.npy     [N] int16   first position of segment B (token type 1)
-    shard-00000.masked_positions.npy    [N, P] int16 ascending, 0-padded
-    shard-00000.masked_ids.npy          [N, P] uint16/int32 original tokens, 0-padded
-    shard-00000.masked_count.npy        [N] int16   real entries of the two above
+    shard-00000.masked_positions.npy    [N, P] int16 ascending, 0-padded        (static only)
+    shard-00000.masked_ids.npy          [N, P] uint16/int32 original tokens     (static only)
+    shard-00000.masked_count.npy        [N] int16   real entries of the two     (static only)
     shard-00000.nsp.npy                 [N] int8    1 = B is random, 0 = actual next
     shard-00001.* ...
 
 Plain ``.npy`` files so that ``np.load(mmap_mode="r")`` gives O(1) random access with
 nothing scanned at start; token types, attention mask and MLM weights are derived from
-the small per-row integers, which keeps a seq-128 sample at about 330 bytes. All shards
-hold ``samples_per_shard`` samples except the last.
+the small per-row integers, which keeps a seq-128 sample at about 330 bytes (static) or
+262 bytes (dynamic). All shards of one preparation run hold ``samples_per_shard``
+samples except the last; a set merged from several machines' parts has one short shard
+per part (the reader does not care: it locates samples through the shard offsets).
 
-The manifest records, per file, its size, dtype, shape and SHA-256: sizes are checked
-on every open (cheap, catches truncation), checksums on request.
+``masking`` in the manifest says which: "static" sets carry the masking drawn at
+preparation; "dynamic" sets carry the rule (``masked_lm_prob``,
+``max_predictions_per_seq``, ``whole_word_mask``, ``special_token_ids``, ``mask_seed``,
+``continuation_ids``) and the reader draws it per epoch (``lbllm.data.masking``).
+
+The manifest records, per file, its size, dtype, shape and SHA-256: sizes are checked on
+every open (one stat per file, catches truncation), .npy headers when a shard is first
+mapped (catches a file swapped for another), checksums on request.
+File names are relative to the data directory.
 """
 from __future__ import annotations
 
@@ -34,10 +44,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lbllm.data.masking import DYNAMIC_STREAM, MaskingConfig, mask_tokens, row_keys
+
 # torch is imported where tensors are made, not here: data_prep scripts import this
 # module for the writer and should not pay torch's start-up time.
 
-FORMAT_VERSION = 1
+# 2: adds "masking" (static | dynamic) and dynamic sets without the masked_* files.
+# Version 1 sets (always static) are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 # Field name -> (rank, fixed dtype or None for the token-id dtype). Order = file order.
 FIELDS: dict[str, tuple[int, str | None]] = {
@@ -49,6 +64,12 @@ FIELDS: dict[str, tuple[int, str | None]] = {
     "masked_count": (1, "int16"),
     "nsp": (1, "int8"),
 }
+_MASK_FIELDS = ("masked_positions", "masked_ids", "masked_count")
+
+
+def shard_fields(masking: str) -> tuple[str, ...]:
+    """The files of a shard: dynamic sets store no masking."""
+    return tuple(f for f in FIELDS if masking == "static" or f not in _MASK_FIELDS)
 _PREPARE_HINT = "prepare it with data_prep/create_shards.py"
 
 
@@ -106,11 +127,13 @@ class ShardWriter:
 
     ``add`` takes arrays keyed like ``FIELDS`` with any number of rows; every shard but
     the last gets exactly ``samples_per_shard`` rows. ``close`` flushes the rest and
-    returns the manifest's shard records."""
+    returns the manifest's shard records. Only ``fields`` are written."""
 
-    def __init__(self, directory: Path, samples_per_shard: int, id_dtype: np.dtype):
+    def __init__(self, directory: Path, samples_per_shard: int, id_dtype: np.dtype,
+                 fields: Sequence[str] = tuple(FIELDS)):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard {samples_per_shard}: must be >= 1")
+        self.fields = tuple(fields)
         self.directory = Path(directory)
         self.samples_per_shard = samples_per_shard
         self.id_dtype = np.dtype(id_dtype)
@@ -133,7 +156,7 @@ class ShardWriter:
         return self.records
 
     def _flush(self, rows: int) -> None:
-        merged = {name: np.concatenate([p[name] for p in self._pending]) for name in FIELDS}
+        merged = {name: np.concatenate([p[name] for p in self._pending]) for name in self.fields}
         head = {name: a[:rows] for name, a in merged.items()}
         rest = {name: a[rows:] for name, a in merged.items()}
         self._pending = [rest] if rest["lengths"].shape[0] else []
@@ -143,7 +166,8 @@ class ShardWriter:
     def _write(self, arrays: Mapping[str, np.ndarray]) -> None:
         shard = len(self.records)
         files: dict[str, dict[str, Any]] = {}
-        for name, (rank, dtype) in FIELDS.items():
+        for name in self.fields:
+            rank, dtype = FIELDS[name]
             a = np.ascontiguousarray(arrays[name], dtype=dtype or self.id_dtype)
             assert a.ndim == rank, (name, a.shape)
             path = self.directory / shard_file_name(shard, name)
@@ -209,12 +233,53 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable manifest ({e}); {_PREPARE_HINT} again") from e
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {version!r}, this reader needs {FORMAT_VERSION}; {_PREPARE_HINT} again")
+    if version not in READABLE_VERSIONS:
+        raise DataError(
+            f"{path}: format_version {version!r}, this reader reads {READABLE_VERSIONS}; {_PREPARE_HINT} again"
+        )
     for key in ("num_samples", "seq_length", "max_predictions_per_seq", "tokenizer_fingerprint", "shards"):
         if key not in manifest:
             raise DataError(f"{path}: manifest has no {key!r}; {_PREPARE_HINT} again")
+    manifest.setdefault("masking", "static")
+    if manifest["masking"] not in ("static", "dynamic"):
+        raise DataError(f"{path}: masking {manifest['masking']!r} is neither 'static' nor 'dynamic'")
+    if manifest["masking"] == "dynamic":
+        for key in ("masked_lm_prob", "special_token_ids", "special_ids", "vocab_size", "mask_seed"):
+            if key not in manifest:
+                raise DataError(f"{path}: a dynamic-masking manifest needs {key!r}; {_PREPARE_HINT} again")
     return manifest
+
+
+def masking_config_from_manifest(manifest: Mapping[str, Any]) -> MaskingConfig:
+    """The masking rule a dynamic set was prepared for."""
+    return MaskingConfig(
+        max_predictions=int(manifest["max_predictions_per_seq"]),
+        masked_lm_prob=float(manifest["masked_lm_prob"]),
+        mask_id=int(manifest["special_ids"]["mask"]),
+        special_ids=tuple(int(i) for i in manifest["special_token_ids"]),
+        vocab_size=int(manifest["vocab_size"]),
+        whole_word_mask=bool(manifest.get("whole_word_mask", False)),
+        continuation_ids=tuple(int(i) for i in manifest.get("continuation_ids", ())),
+    )
+
+
+def check_npy_header(path: Path, info: Mapping[str, Any]) -> int:
+    """Raise DataError unless the .npy header of ``path`` describes the manifest record
+    ``info`` (dtype and shape): a few hundred bytes read. Returns the data's offset."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a valid .npy file ({e}); {_PREPARE_HINT} again") from e
+    if list(shape) != info["shape"] or dtype.name != info["dtype"] or fortran:
+        raise DataError(
+            f"{path}: {dtype.name}{list(shape)}, manifest says {info['dtype']}{info['shape']}; {_PREPARE_HINT} again"
+        )
+    return offset
 
 
 @dataclass
@@ -228,11 +293,17 @@ class PretrainingDataset:
     """Random access to the samples of a shard directory, in batches.
 
     Nothing is scanned or loaded at construction beyond the manifest and a ``stat`` of
-    every file; shards are memory-mapped on first use. ``get_batch`` gathers a batch
-    with one fancy index per shard touched and derives the masks vectorized, so a batch
-    costs O(batch) work regardless of the dataset size. Works as a map-style dataset
-    (no torch base class needed): ``dataset[i]`` is one sample, ``dataset[list_of_indices]`` a batch (use
-    ``DataLoader(dataset, sampler=GlobalBatchSampler(...), batch_size=None)``)."""
+    every file; shards are memory-mapped (headers checked) on first use. ``get_batch``
+    gathers a batch with one fancy index per shard touched and derives the masks
+    vectorized, so a batch costs O(batch) work regardless of the dataset size. Works as
+    a map-style dataset (no torch base class needed): ``dataset[i]`` is one sample,
+    ``dataset[list_of_indices]`` a batch (use ``DataLoader(dataset,
+    sampler=GlobalBatchSampler(...), batch_size=None)``).
+
+    Dynamic-masking sets are masked in ``get_batch`` as a pure function of
+    ``(mask_seed, epoch, global sample index)``; ``mask_seed`` defaults to the
+    manifest's (the preparation seed). Static sets return their stored masking and
+    ignore ``epoch``."""
 
     def __init__(
         self,
@@ -240,6 +311,7 @@ class PretrainingDataset:
         tokenizer_dir: str | os.PathLike | None = None,
         max_seq_length: int | None = None,
         verify_checksums: bool = False,
+        mask_seed: int | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
@@ -247,6 +319,17 @@ class PretrainingDataset:
         self.seq_length = int(m["seq_length"])
         self.max_predictions = int(m["max_predictions_per_seq"])
         self.num_samples = int(m["num_samples"])
+        self.masking = str(m["masking"])
+        self.fields = shard_fields(self.masking)
+        self.epoch = 0  # the default of get_batch(epoch=None); see set_epoch
+        if self.masking == "dynamic":
+            self.mask_seed = int(m["mask_seed"] if mask_seed is None else mask_seed)
+            if self.mask_seed < 0:
+                raise ValueError(f"mask_seed {self.mask_seed}: must be >= 0")
+            self._mask_cfg: MaskingConfig | None = masking_config_from_manifest(m)
+        else:
+            self.mask_seed = None
+            self._mask_cfg = None
         if tokenizer_dir is not None:
             found = tokenizer_fingerprint(tokenizer_dir)
             if found != m["tokenizer_fingerprint"]:
@@ -274,8 +357,12 @@ class PretrainingDataset:
         self._open: list[dict[str, np.ndarray] | None] = [None] * len(self._shards)
 
     def _check_files(self, verify_checksums: bool) -> None:
+        """Every file exists with the manifest's size (one ``stat`` each: catches missing
+        and truncated files at start, in O(files) metadata reads and no data reads);
+        SHA-256 on request. The .npy headers are checked when a shard is first mapped,
+        so that a 100 GB set with tens of thousands of files still opens in seconds."""
         for shard in self._shards:
-            for name in FIELDS:
+            for name in self.fields:
                 info = shard.files.get(name)
                 if info is None:
                     raise DataError(f"{self.data_dir / MANIFEST_NAME}: a shard lists no {name!r} file")
@@ -288,26 +375,15 @@ class PretrainingDataset:
                         f"{path}: {size} bytes, manifest says {info['bytes']} (truncated or modified); "
                         f"{_PREPARE_HINT} again"
                     )
-                self._check_header(path, info)
                 if verify_checksums and sha256_file(path) != info["sha256"]:
                     raise DataError(f"{path}: SHA-256 does not match the manifest (corrupt); {_PREPARE_HINT} again")
 
     @staticmethod
-    def _check_header(path: Path, info: dict[str, Any]) -> None:
+    def _check_header(path: Path, info: dict[str, Any]) -> int:
         """The .npy header must describe the manifest's dtype and shape (a few hundred
-        bytes read per file; catches a file swapped for another of the same size)."""
-        try:
-            with open(path, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                fmt = np.lib.format
-                read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-                shape, fortran, dtype = read_header(f)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a valid .npy file ({e}); {_PREPARE_HINT} again") from e
-        if list(shape) != info["shape"] or dtype.name != info["dtype"] or fortran:
-            raise DataError(
-                f"{path}: {dtype.name}{list(shape)}, manifest says {info['dtype']}{info['shape']}; {_PREPARE_HINT} again"
-            )
+        bytes read per file; catches a file swapped for another of the same size).
+        Returns where the data starts."""
+        return check_npy_header(path, info)
 
     # Memory maps are per process: drop them when pickled (DataLoader workers).
     def __getstate__(self) -> dict[str, Any]:
@@ -319,26 +395,33 @@ class PretrainingDataset:
         arrays = self._open[k]
         if arrays is None:
             arrays = {}
-            for name, info in self._shards[k].files.items():
+            for name in self.fields:
+                info = self._shards[k].files[name]
                 path = self.data_dir / info["file"]
+                offset = self._check_header(path, info)
                 try:
-                    a = np.load(path, mmap_mode="r", allow_pickle=False)
+                    arrays[name] = np.memmap(path, dtype=np.dtype(info["dtype"]), mode="r", offset=offset,
+                                             shape=tuple(info["shape"]))
                 except (OSError, ValueError) as e:
                     raise DataError(f"{path}: unreadable shard file ({e}); {_PREPARE_HINT} again") from e
-                if list(a.shape) != info["shape"] or a.dtype.name != info["dtype"]:
-                    raise DataError(
-                        f"{path}: {a.dtype.name}{list(a.shape)}, manifest says {info['dtype']}{info['shape']}; "
-                        f"{_PREPARE_HINT} again"
-                    )
-                arrays[name] = a
             self._open[k] = arrays
         return arrays
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def get_batch(self, indices: Sequence[int] | np.ndarray | "torch.Tensor") -> dict[str, "torch.Tensor"]:
-        """Samples ``indices`` as model inputs (BERT names, Hugging Face conventions)."""
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch ``get_batch`` and ``dataset[i]`` use when not given one (for a
+        DataLoader, which cannot pass it); the trainer passes it explicitly."""
+        self.epoch = int(epoch)
+
+    def get_batch(
+        self, indices: Sequence[int] | np.ndarray | "torch.Tensor", epoch: int | None = None
+    ) -> dict[str, "torch.Tensor"]:
+        """Samples ``indices`` as model inputs (BERT names, Hugging Face conventions).
+
+        ``epoch`` (default: ``self.epoch``) selects the dynamic masking; a sample's
+        masking depends on (mask_seed, epoch, its index) only."""
         import torch
 
         if isinstance(indices, torch.Tensor):
@@ -349,39 +432,44 @@ class PretrainingDataset:
             bad = idx[(idx < -n) | (idx >= n)][0]
             raise IndexError(f"sample index {bad} out of range for {n} samples")
         idx = np.where(idx < 0, idx + n, idx)
-        b, length, p = idx.size, self.seq_length, self.max_predictions
-        input_ids = np.zeros((b, length), dtype=np.int64)
-        lengths = np.zeros(b, dtype=np.int64)
-        b_start = np.zeros(b, dtype=np.int64)
-        positions = np.zeros((b, p), dtype=np.int64)
-        ids = np.zeros((b, p), dtype=np.int64)
-        count = np.zeros(b, dtype=np.int64)
-        nsp = np.zeros(b, dtype=np.int64)
-        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
-        for k in np.unique(shard_of):
-            rows = np.flatnonzero(shard_of == k)
-            local = idx[rows] - self._starts[k]
-            a = self._arrays(int(k))
-            input_ids[rows] = a["input_ids"][local]
-            lengths[rows] = a["lengths"][local]
-            b_start[rows] = a["segment_b_start"][local]
-            positions[rows] = a["masked_positions"][local]
-            ids[rows] = a["masked_ids"][local]
-            count[rows] = a["masked_count"][local]
-            nsp[rows] = a["nsp"][local]
+        rows = self._gather(idx)
+        if self._mask_cfg is not None:
+            epoch = self.epoch if epoch is None else int(epoch)
+            if epoch < 0:
+                raise ValueError(f"epoch {epoch}: must be >= 0")
+            keys = row_keys((self.mask_seed, DYNAMIC_STREAM, epoch), idx)
+            m = mask_tokens(rows["input_ids"], rows["lengths"], self._mask_cfg, keys)
+            rows.update(input_ids=m.input_ids, masked_positions=m.positions, masked_ids=m.ids, masked_count=m.count)
+        length, p = self.seq_length, self.max_predictions
         pos = np.arange(length)[None, :]
-        attention = pos < lengths[:, None]
-        token_type = (pos >= b_start[:, None]) & attention
-        weights = np.arange(p)[None, :] < count[:, None]
+        attention = pos < rows["lengths"][:, None]
+        token_type = (pos >= rows["segment_b_start"][:, None]) & attention
+        weights = np.arange(p)[None, :] < rows["masked_count"][:, None]
         return {
-            "input_ids": torch.from_numpy(input_ids),
+            "input_ids": torch.from_numpy(rows["input_ids"]),
             "token_type_ids": torch.from_numpy(token_type.astype(np.int64)),
             "attention_mask": torch.from_numpy(attention.astype(np.int64)),
-            "masked_lm_positions": torch.from_numpy(positions),
-            "masked_lm_ids": torch.from_numpy(ids),
+            "masked_lm_positions": torch.from_numpy(rows["masked_positions"]),
+            "masked_lm_ids": torch.from_numpy(rows["masked_ids"]),
             "masked_lm_weights": torch.from_numpy(weights.astype(np.float32)),
-            "next_sentence_labels": torch.from_numpy(nsp),
+            "next_sentence_labels": torch.from_numpy(rows["nsp"]),
         }
+
+    def _gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored fields of samples ``idx`` as int64 arrays: one fancy index per
+        shard touched."""
+        b = idx.size
+        width = {"input_ids": self.seq_length, "masked_positions": self.max_predictions,
+                 "masked_ids": self.max_predictions}
+        out = {name: np.zeros((b, width[name]) if name in width else b, dtype=np.int64) for name in self.fields}
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        for k in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == k)
+            local = idx[sel] - self._starts[k]
+            arrays = self._arrays(int(k))
+            for name in self.fields:
+                out[name][sel] = arrays[name][local]
+        return out
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)) or (getattr(index, "ndim", None) == 0):
@@ -391,5 +479,5 @@ class PretrainingDataset:
     def __repr__(self) -> str:
         return (
             f"PretrainingDataset({str(self.data_dir)!r}: {self.num_samples} samples, seq {self.seq_length}, "
-            f"{self.max_predictions} predictions, {len(self._shards)} shards)"
+            f"{self.max_predictions} predictions, {self.masking} masking, {len(self._shards)} shards)"
         )

@@ -1,0 +1,232 @@
+"""Join shard sets into one: the parts written by several machines, or separately
+prepared corpora.
+
+    # on machine I of K (same inputs, same arguments, only --part differs):
+    python data_prep/create_shards.py --input 'wiki/*.jsonl' ... --num_parts K --part I --out DIR/part-I
+    # once all parts are on one file system:
+    python data_prep/merge_shards.py --parts 'DIR/part-*' --out DIR/all
+
+Parts of one plan (they carry ``part`` in their manifest) are ordered by part index
+and must all be there; their samples, in that order, are exactly the samples a single
+machine would have written, so the merged set reads identically (same sample at every
+index, same static and dynamic masks). Sets without ``part`` are concatenated in the
+order given (e.g. Wikipedia + books prepared separately).
+
+Either way the sets must agree on everything that defines a sample (sequence length,
+predictions, masking rule and mode, tokenizer fingerprint, ...); parts also on the unit
+plan and every preparation setting. A mismatch is a one-line error naming the directory
+and key, exit 2, nothing written.
+
+No shard data is copied by default: files are hard-linked into OUT under continuous
+shard numbers (``--mode move`` also removes the parts afterwards; ``--mode copy`` is
+for parts on another file system). OUT is built in a temp directory and renamed into
+place, manifest last, so an interrupted merge leaves no OUT that looks complete and
+the parts untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from lbllm.data.shards import (
+    MANIFEST_NAME,
+    DataError,
+    check_npy_header,
+    make_temp_dir,
+    publish_directory,
+    read_manifest,
+    sha256_file,
+    shard_file_name,
+    write_json_atomic,
+)
+
+# What defines a sample: every set being merged must agree.
+SAMPLE_KEYS = (
+    "format_version", "seq_length", "max_predictions_per_seq", "masked_lm_prob", "whole_word_mask", "masking",
+    "tokenizer_fingerprint", "vocab_size", "special_ids", "special_token_ids", "continuation_ids",
+)
+# Parts of one plan must also agree on how they were made.
+PART_KEYS = SAMPLE_KEYS + (
+    "short_seq_prob", "random_next_prob", "dupe_factor", "seed", "mask_seed", "samples_per_shard", "unit_mb",
+    "read_options", "plan",
+)
+MODES = ("link", "move", "copy")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as one line, exit status 2, nothing written."""
+
+
+def _expand(patterns: Sequence[str]) -> list[Path]:
+    dirs: list[Path] = []
+    for pattern in patterns:
+        matches = [Path(pattern)] if Path(pattern).is_dir() else sorted(Path(p) for p in glob.glob(pattern))
+        matches = [m for m in matches if m.is_dir() and ".tmp-" not in m.name and ".old-" not in m.name]
+        if not matches:
+            raise UsageError(f"--parts {pattern}: no shard directory matches")
+        dirs.extend(m for m in matches if m.resolve() not in {d.resolve() for d in dirs})
+    return dirs
+
+
+def load_parts(dirs: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """The manifests, in merge order, checked for agreement."""
+    try:
+        parts = [(d, read_manifest(d)) for d in dirs]
+    except DataError as e:
+        raise UsageError(str(e)) from e
+    with_part = [m.get("part") is not None for _, m in parts]
+    if any(with_part) and not all(with_part):
+        odd = next(d for (d, _), w in zip(parts, with_part) if not w)
+        raise UsageError(f"{odd}: not a --num_parts part, but other --parts are; merge parts of one plan only")
+    keys = SAMPLE_KEYS
+    if all(with_part):
+        keys = PART_KEYS
+        parts.sort(key=lambda dm: dm[1]["part"]["index"])
+        num_parts = parts[0][1]["part"]["num_parts"]
+        for d, m in parts:
+            if m["part"]["num_parts"] != num_parts:
+                raise UsageError(f"{d}: part of {m['part']['num_parts']} parts, {parts[0][0]} of {num_parts}; "
+                                 "merge the parts of one plan")
+        indices = [m["part"]["index"] for _, m in parts]
+        if len(set(indices)) != len(indices):
+            dup = next(i for i in indices if indices.count(i) > 1)
+            twice = ", ".join(str(d) for d, m in parts if m["part"]["index"] == dup)
+            raise UsageError(f"--parts: part {dup} given twice ({twice}); pass each part once")
+        missing = sorted(set(range(num_parts)) - set(indices))
+        if missing:
+            raise UsageError(f"--parts: missing part(s) {', '.join(map(str, missing))} of {num_parts}; "
+                             "prepare them with create_shards.py --num_parts/--part")
+    first_dir, first = parts[0]
+    for d, m in parts[1:]:
+        for key in keys:
+            if m.get(key) != first.get(key):
+                raise UsageError(f"{d}: {key} is {_short(m.get(key))}, {first_dir} has {_short(first.get(key))}; "
+                                 "sets to merge must be prepared with the same settings and tokenizer")
+    return parts
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def merged_stats(manifests: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts summed; the two fractions recomputed from the summed counts."""
+    stats: dict[str, Any] = {}
+    for m in manifests:
+        s = dict(m.get("stats", {}))
+        n = int(m["num_samples"])
+        s.setdefault("nsp_random_samples", round(s.get("nsp_random_fraction", 0.0) * n))  # version-1 manifests
+        s.setdefault("masked_tokens", round(s.get("mean_masked_count", 0.0) * n))
+        for key, value in s.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                stats[key] = stats.get(key, 0) + value
+    total = max(1, sum(int(m["num_samples"]) for m in manifests))
+    stats["nsp_random_fraction"] = stats["nsp_random_samples"] / total
+    stats["mean_masked_count"] = stats["masked_tokens"] / total
+    return stats
+
+
+def _place(src: Path, dst: Path, mode: str, out: Path) -> None:
+    if mode == "copy":
+        shutil.copy2(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        raise UsageError(f"{src}: cannot hard-link it into {out} ({e.strerror}); put --out on the same file system "
+                         "as the parts, or pass --mode copy") from e
+
+
+def merge(dirs: Sequence[Path], out: Path, mode: str = "link", verify: bool = False) -> dict[str, Any]:
+    """Write the merged set to ``out`` (atomically). Returns its manifest."""
+    if mode not in MODES:
+        raise UsageError(f"--mode {mode}: must be one of {', '.join(MODES)}")
+    parts = load_parts(dirs)
+    resolved = out.resolve()
+    for d, _ in parts:
+        if resolved == d.resolve() or d.resolve() in resolved.parents:
+            raise UsageError(f"--out {out}: is (inside) the part {d}; choose a directory next to the parts")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+        raise UsageError(f"--out {out}: exists and is not a shard directory (no {MANIFEST_NAME}); choose another path")
+    manifests = [m for _, m in parts]
+    total = sum(int(m["num_samples"]) for m in manifests)
+    if total == 0:
+        raise UsageError("--parts: together they hold no samples")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out)
+    try:
+        shards: list[dict[str, Any]] = []
+        for d, m in parts:
+            for record in m["shards"]:
+                files = {}
+                for name, info in record["files"].items():
+                    src = d / info["file"]
+                    if not src.is_file() or src.stat().st_size != info["bytes"]:
+                        raise UsageError(f"{src}: missing or not {info['bytes']} bytes as its manifest says; "
+                                         "prepare that part again")
+                    try:
+                        check_npy_header(src, info)
+                    except DataError as e:
+                        raise UsageError(str(e)) from e
+                    if verify and sha256_file(src) != info["sha256"]:
+                        raise UsageError(
+                            f"{src}: SHA-256 does not match its manifest (corrupt); prepare that part again"
+                        )
+                    dst = tmp / shard_file_name(len(shards), name)
+                    _place(src, dst, mode, out)
+                    files[name] = {**info, "file": dst.name}
+                shards.append({**record, "files": files})
+        merged = dict(manifests[0])
+        merged.pop("part", None)
+        merged["num_samples"] = total
+        merged["shards"] = shards
+        merged["stats"] = merged_stats(manifests)
+        if manifests[0].get("part") is None:  # independent sets: their inputs and plans differ
+            merged["inputs"] = [i for m in manifests for i in m.get("inputs", [])]
+            merged.pop("plan", None)
+        merged["merged_from"] = [{"dir": str(d), "num_samples": int(m["num_samples"]),
+                                  **({"part": m["part"]["index"]} if m.get("part") else {})} for d, m in parts]
+        write_json_atomic(tmp / MANIFEST_NAME, merged)  # last: its presence marks completeness
+        publish_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if mode == "move":
+        for d, m in parts:
+            (d / MANIFEST_NAME).unlink()  # first: a part must never look complete with files gone
+            for record in m["shards"]:
+                for info in record["files"].values():
+                    (d / info["file"]).unlink(missing_ok=True)
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # something else lives there; leave it
+    return merged
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", nargs="+", required=True, help="shard directories or globs (e.g. 'DIR/part-*')")
+    p.add_argument("--out", required=True, help="the merged set (replaced if it holds shards)")
+    p.add_argument("--mode", default="link", choices=MODES,
+                   help="link: hard links, parts kept (default); move: parts removed after; copy: other file system")
+    p.add_argument("--verify", action="store_true", help="check every file's SHA-256 (reads everything)")
+    a = p.parse_args(argv)
+    try:
+        merged = merge(_expand(a.parts), Path(a.out), a.mode, a.verify)
+    except UsageError as e:
+        print(f"merge_shards: {e}", file=sys.stderr)
+        return 2
+    print(f"merge_shards: {merged['num_samples']} samples in {len(merged['shards'])} shard(s) from "
+          f"{len(merged['merged_from'])} set(s) -> {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
