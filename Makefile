@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_optim.py
+	$(PY) scripts/bench_data.py
 
 clean:
 	rm -rf $(DEMO_OUT) .cache
