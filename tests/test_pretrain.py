@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import deepspeed_cmd, run_cli, write_ds_config
+from conftest import ROOT, deepspeed_cmd, run_cli, write_ds_config
 from lbllm.train.metrics import read_metrics
 
 REQUIRED = {"step", "loss", "lr", "global_batch_size", "samples", "seq_per_s"}
@@ -205,3 +205,18 @@ def test_phase2_on_another_world_size_and_zero_stage_carries_state_exactly(tiny_
         for k in a["moments"]:
             assert torch.equal(a["moments"][k][name], b["moments"][k][name]), (k, name)
     assert any(v.abs().sum() > 0 for v in a["moments"]["exp_avg"].values())  # moments were really trained
+
+
+def test_lamb_64k_recipe_runs_through_the_registry_under_zero(tiny_data, tmp_path):
+    """ds_configs/lamb_64k.json as shipped (LAMB by name, schedule, bf16, ZeRO), with only the
+    batch sizes shrunk to the tiny data: 2 DeepSpeed ranks, 2 steps."""
+    recipe = json.loads((ROOT / "ds_configs" / "lamb_64k.json").read_text())
+    assert recipe["optimizer"]["type"] == "LAMB" and recipe["zero_optimization"]["stage"] >= 1
+    cfg = tmp_path / "lamb_64k_small.json"
+    cfg.write_text(json.dumps({**recipe, "train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}))
+    out = tmp_path / "recipe"
+    proc = pretrain(tiny_data, out, cfg, "--max_steps", "2", procs=2)
+    assert "LAMB" in proc.stderr and f"ZeRO {recipe['zero_optimization']['stage']}" in proc.stderr
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["lr"] == pytest.approx(6e-3 / 2000)  # step 1 of the 2000-step warmup
