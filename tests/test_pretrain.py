@@ -184,14 +184,19 @@ def test_errors_are_one_line_before_any_output(tiny_data, tmp_path):
     assert not out.exists()
 
 
-def test_phase2_on_another_world_size_and_zero_stage_carries_state_exactly(tiny_data, tmp_path):
-    """Phase 1 on 2 ranks (ZeRO 2) -> phase 2 on 1 rank (ZeRO 3): weights and LAMB moments
-    arrive unchanged. With --max_steps 0 phase 2 only loads and re-saves, so its
-    phase_state.pt must equal phase 1's tensor for tensor."""
+@pytest.mark.parametrize("optimizer", [
+    {"type": "LAMB", "params": {"lr": 1e-3, "weight_decay": 0.01}},
+    # DeepSpeed's own optimizer (torch AdamW: moments plus a per-parameter step tensor).
+    {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}},
+], ids=["LAMB", "AdamW"])
+def test_phase2_on_another_world_size_and_zero_stage_carries_state_exactly(tiny_data, tmp_path, optimizer):
+    """Phase 1 on 2 ranks (ZeRO 2) -> phase 2 on 1 rank (ZeRO 3): weights and moments arrive
+    unchanged. With --max_steps 0 phase 2 only loads and re-saves, so its phase_state.pt
+    must equal phase 1's tensor for tensor; then one phase-2 step runs from it."""
     p1_cfg = write_ds_config(tmp_path / "p1.json", train_batch_size=16, train_micro_batch_size_per_gpu=4,
-                             zero_optimization={"stage": 2})
+                             zero_optimization={"stage": 2}, optimizer=optimizer)
     p2_cfg = write_ds_config(tmp_path / "p2.json", train_batch_size=8, train_micro_batch_size_per_gpu=8,
-                             zero_optimization={"stage": 3})
+                             zero_optimization={"stage": 3}, optimizer=optimizer)
     p1, p2 = tmp_path / "p1", tmp_path / "p2"
     pretrain(tiny_data, p1, p1_cfg, "--max_steps", "2", procs=2)
     proc = pretrain(tiny_data, p2, p2_cfg, "--phase", "2", "--init_checkpoint", p1, "--max_steps", "0",
@@ -205,6 +210,9 @@ def test_phase2_on_another_world_size_and_zero_stage_carries_state_exactly(tiny_
         for k in a["moments"]:
             assert torch.equal(a["moments"][k][name], b["moments"][k][name]), (k, name)
     assert any(v.abs().sum() > 0 for v in a["moments"]["exp_avg"].values())  # moments were really trained
+    pretrain(tiny_data, tmp_path / "p2b", p2_cfg, "--phase", "2", "--init_checkpoint", p1, "--max_steps", "1",
+             shards="shards_128")
+    assert [r["step"] for r in read_metrics(tmp_path / "p2b" / "metrics.jsonl")] == [1]
 
 
 def test_lamb_64k_recipe_runs_through_the_registry_under_zero(tiny_data, tmp_path):

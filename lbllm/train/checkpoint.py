@@ -120,7 +120,9 @@ def save_phase_state(engine: Any, output_dir: Path, zero_stage: int) -> None:
         return
     path = Path(output_dir) / PHASE_STATE
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": 1, "weights": weights, "moments": moments}, tmp)
+    # torch's Adam/AdamW keep a per-parameter "step" (reset by phase 2, but it must exist).
+    step_in_state = any("step" in st for st in opt.state.values())
+    torch.save({"format": 1, "weights": weights, "moments": moments, "step_in_state": step_in_state}, tmp)
     os.replace(tmp, path)
 
 
@@ -167,6 +169,8 @@ def _load_phase_state(engine: Any, opt: torch.optim.Optimizer, path: Path, zero_
         state = opt.state[t]
         for k in moments:
             state.setdefault(k, torch.zeros_like(t, dtype=torch.float32))
+        if saved.get("step_in_state"):
+            state.setdefault("step", torch.tensor(0.0))
     if zero_stage > 0:
         _relink_optimizer_state(engine)
     for name, p in engine.module.named_parameters():
