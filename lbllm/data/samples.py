@@ -49,15 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lbllm.data.inputs import (  # noqa: F401  (re-exported: the unit API lived here before)
-    CorpusStats,
-    ReadOptions,
-    Source,
-    TextUnit,
-    expand_inputs,
-    plan_units,
-    read_documents,
-)
+from lbllm.data.inputs import CorpusStats, ReadOptions, Source, TextUnit, read_documents
 from lbllm.data.masking import MaskingConfig, derive_seed, mask_tokens, row_keys
 
 MASKING_MODES = ("static", "dynamic")

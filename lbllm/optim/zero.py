@@ -88,6 +88,17 @@ class ZeroSegments:
         return self
 
 
+def _append_segment(ids: list[int], lengths: list[int], seg_id: int, length: int) -> None:
+    """Append ``length`` elements of ``seg_id``, merged into the last segment if it is the same."""
+    if length <= 0:
+        return
+    if ids and ids[-1] == seg_id:
+        lengths[-1] += length
+    else:
+        ids.append(seg_id)
+        lengths.append(length)
+
+
 def zero_segments(param_numels: Sequence[int], paddings: Sequence[int], partition_size: int,
                   partition_id: int) -> tuple[list[int], list[int]]:
     """Segments ``(ids, lengths)`` of partition ``partition_id`` of a flat buffer laid out as
@@ -99,14 +110,7 @@ def zero_segments(param_numels: Sequence[int], paddings: Sequence[int], partitio
     lengths: list[int] = []
 
     def add(seg_id: int, lo: int, hi: int) -> None:
-        lo, hi = max(lo, start), min(hi, end)
-        if hi <= lo:
-            return
-        if ids and ids[-1] == seg_id:
-            lengths[-1] += hi - lo
-        else:
-            ids.append(seg_id)
-            lengths.append(hi - lo)
+        _append_segment(ids, lengths, seg_id, min(hi, end) - max(lo, start))
 
     cur = 0
     for idx, (numel, pad) in enumerate(zip(param_numels, paddings)):
@@ -243,14 +247,8 @@ def zero3_segments(param_numels: Sequence[int], partition_numels: Sequence[int],
     lengths: list[int] = []
     for idx, (numel, size) in enumerate(zip(param_numels, partition_numels)):
         valid = max(0, min(size, numel - partition_id * size))
-        for seg_id, length in ((idx, valid), (n, size - valid)):
-            if length == 0:
-                continue
-            if ids and ids[-1] == seg_id:
-                lengths[-1] += length
-            else:
-                ids.append(seg_id)
-                lengths.append(length)
+        _append_segment(ids, lengths, idx, valid)
+        _append_segment(ids, lengths, n, size - valid)
     return ids, lengths
 
 
