@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss_normalization", default="global", choices=("global", "micro"),
                    help="global: token-weighted over the whole global batch; micro: mean of micro-batch means")
     p.add_argument("--noise_scale_interval", type=int, default=0, help="gradient noise scale every K steps (0: off)")
+    p.add_argument("--eval_data", default=None,
+                   help="held-out shards (create_shards.py --heldout_fraction writes DATA_DIR/heldout): logs eval_mlm_loss/acc")
+    p.add_argument("--eval_interval_samples", type=int, default=0,
+                   help="evaluate every N consumed samples (0: only after the last step)")
+    p.add_argument("--eval_batch_size", type=int, default=None, help="sequences per evaluation forward (default: micro-batch)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the launcher")
     p.add_argument("--deepspeed", action="store_true", help="accepted for launcher compatibility")
     return p.parse_args(argv)
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             dropout=args.dropout, phase=args.phase, init_checkpoint=args.init_checkpoint, resume=args.resume,
             save_interval=args.save_interval, max_seq_length=args.max_seq_length,
             loss_normalization=args.loss_normalization, noise_scale_interval=args.noise_scale_interval,
+            eval_data=args.eval_data, eval_interval_samples=args.eval_interval_samples,
+            eval_batch_size=args.eval_batch_size,
         )
         ensure_distributed_env()
         setup = prepare(run)

@@ -34,6 +34,7 @@ rebuilds the identical set and replaces OUT.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -62,6 +63,7 @@ from lbllm.data.samples import (
     MASKING_MODES,
     SampleConfig,
     Vocab,
+    heldout_config,
     id_dtype,
     masking_config,
     num_to_predict,
@@ -69,6 +71,7 @@ from lbllm.data.samples import (
 )
 from lbllm.data.shards import (
     FORMAT_VERSION,
+    HELDOUT_DIR,
     MANIFEST_NAME,
     ShardWriter,
     make_temp_dir,
@@ -107,6 +110,7 @@ class ShardJob:
     hf_split: str = "train"
     num_parts: int = 1  # machines sharing the work; this one writes part `part`
     part: int = 0
+    heldout_fraction: float = 0.0  # documents set aside into OUT/heldout (static masks) for evaluation
     workers: int = field(default=1, compare=False)  # does not change the output
 
     def __post_init__(self) -> None:
@@ -120,6 +124,8 @@ class ShardJob:
             raise UsageError(f"--workers {self.workers}: must be >= 1")
         if not self.inputs and not self.hf_dataset:
             raise UsageError("--input or --hf_dataset: give at least one source of text")
+        if not 0.0 <= self.heldout_fraction <= 0.5:
+            raise UsageError(f"--heldout_fraction {self.heldout_fraction}: must be in [0, 0.5]")
         if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
             raise UsageError(f"--part {self.part} of --num_parts {self.num_parts}: need 0 <= part < num_parts")
 
@@ -200,7 +206,8 @@ _STATE: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_json: str, vocab: Vocab, cfg: SampleConfig, seed: int, single_thread: bool,
-                 read: ReadOptions = ReadOptions(), sources: tuple[Source, ...] = ()) -> None:
+                 read: ReadOptions = ReadOptions(), sources: tuple[Source, ...] = (),
+                 heldout_fraction: float = 0.0) -> None:
     if single_thread:
         # One process per core already; the Rust thread pool would only oversubscribe.
         os.environ["RAYON_NUM_THREADS"] = "1"
@@ -210,15 +217,17 @@ def _init_worker(tokenizer_json: str, vocab: Vocab, cfg: SampleConfig, seed: int
     tok.no_truncation()
     tok.no_padding()
     tok.encode_special_tokens = True  # "[SEP]" in the text is text, not a separator
-    _STATE.update(tokenizer=tok, vocab=vocab, cfg=cfg, seed=seed, read=read, sources=sources)
+    _STATE.update(tokenizer=tok, vocab=vocab, cfg=cfg, seed=seed, read=read, sources=sources,
+                  heldout_fraction=heldout_fraction)
 
 
-def _process_unit(job: tuple[int, TextUnit]) -> tuple[int, dict[str, np.ndarray], CorpusStats]:
+def _process_unit(job: tuple[int, TextUnit]) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray] | None,
+                                                      CorpusStats]:
     index, unit = job
     s = _STATE
-    batch, stats = unit_to_samples(unit, index, s["tokenizer"], s["vocab"], s["cfg"], s["seed"], s["read"],
-                                   s["sources"])
-    return unit.num_bytes, batch.arrays(), stats
+    batch, heldout, stats = unit_to_samples(unit, index, s["tokenizer"], s["vocab"], s["cfg"], s["seed"], s["read"],
+                                            s["sources"], s["heldout_fraction"])
+    return unit.num_bytes, batch.arrays(), None if heldout is None else heldout.arrays(), stats
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,14 +349,52 @@ class Progress:
             self._bar.close()
 
 
+@dataclass
+class SetTally:
+    """One output set being written (the training set, or the held-out set): its shard
+    writer and the counts its manifest reports."""
+
+    writer: ShardWriter
+    cfg: SampleConfig
+    samples: int = 0
+    nsp_random: int = 0
+    masked: int = 0
+    tokens: int = 0
+
+    def add(self, arrays: dict[str, np.ndarray]) -> None:
+        self.writer.add(arrays)
+        self.samples += int(arrays["lengths"].shape[0])
+        self.nsp_random += int(arrays["nsp"].sum())
+        if self.cfg.masking == "static":
+            self.masked += int(arrays["masked_count"].sum())
+        else:  # what the reader will draw: the rule's count (every non-special token is a candidate)
+            self.masked += int(num_to_predict(arrays["lengths"], self.cfg).sum())
+        self.tokens += int(arrays["lengths"].sum())
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "sample_tokens": self.tokens,
+            "nsp_random_samples": self.nsp_random,
+            "masked_tokens": self.masked,
+            "nsp_random_fraction": self.nsp_random / max(1, self.samples),
+            "mean_masked_count": self.masked / max(1, self.samples),
+        }
+
+
 def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
-    """Produce every shard of this part and finally the manifest inside ``tmp``."""
+    """Produce every shard of this part and finally the manifest inside ``tmp`` (and,
+    with a held-out fraction, the held-out set with its own manifest in ``tmp/heldout``)."""
     cfg, info = job.samples, plan.info
     units = plan.units[plan.first : plan.end]
-    writer = ShardWriter(tmp, job.samples_per_shard, id_dtype(info.vocab.size), shard_fields(cfg.masking))
+    dtype = id_dtype(info.vocab.size)
+    train = SetTally(ShardWriter(tmp, job.samples_per_shard, dtype, shard_fields(cfg.masking)), cfg)
+    held = None
+    if job.heldout_fraction > 0:
+        (tmp / HELDOUT_DIR).mkdir()
+        held_cfg = heldout_config(cfg)
+        held = SetTally(ShardWriter(tmp / HELDOUT_DIR, job.samples_per_shard, dtype, shard_fields("static")), held_cfg)
     stats = CorpusStats()
-    nsp_random = masked = samples = tokens_in_samples = 0
-    init_args = (info.json, info.vocab, cfg, job.seed, job.workers > 1, job.read, plan.sources)
+    init_args = (info.json, info.vocab, cfg, job.seed, job.workers > 1, job.read, plan.sources, job.heldout_fraction)
     jobs = [(plan.first + i, u) for i, u in enumerate(units)]  # global unit index: the seed
     pool = None
     if job.workers > 1 and len(units) > 1:
@@ -359,28 +406,26 @@ def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
         pool = ctx.Pool(min(job.workers, len(units)), initializer=_init_worker, initargs=init_args)
         results = pool.imap(_process_unit, jobs)  # ordered: unit i is written i-th
     else:
-        _init_worker(*init_args[:4], single_thread=False, read=job.read, sources=plan.sources)
+        _init_worker(*init_args[:4], single_thread=False, read=job.read, sources=plan.sources,
+                     heldout_fraction=job.heldout_fraction)
         results = map(_process_unit, jobs)
     progress = Progress(sum(u.num_bytes for u in units))
     try:
-        for num_bytes, arrays, unit_stats in results:
-            writer.add(arrays)
+        for num_bytes, arrays, heldout_arrays, unit_stats in results:
+            train.add(arrays)
+            if held is not None:
+                held.add(heldout_arrays)
             stats = stats + unit_stats
-            samples += int(arrays["lengths"].shape[0])
-            nsp_random += int(arrays["nsp"].sum())
-            if cfg.masking == "static":
-                masked += int(arrays["masked_count"].sum())
-            else:  # what the reader will draw: the rule's count (every non-special token is a candidate)
-                masked += int(num_to_predict(arrays["lengths"], cfg).sum())
-            tokens_in_samples += int(arrays["lengths"].sum())
-            progress.update(num_bytes, samples)
-        shards = writer.close()
+            progress.update(num_bytes, train.samples)
+        shards = train.writer.close()
+        heldout_shards = held.writer.close() if held is not None else None
     except InputError as e:
         raise UsageError(str(e)) from e
     finally:
         progress.close()
         if pool is not None:
             pool.terminate()
+    samples = train.samples
     if samples == 0 and job.num_parts == 1:
         where = " ".join(job.inputs) or job.hf_dataset
         raise UsageError(f"--input {where}: no samples (the text has no tokens)")
@@ -408,15 +453,28 @@ def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
             "headings_dropped": stats.headings_dropped,
             "pairs_skipped": stats.pairs_skipped,
             "text_tokens": stats.tokens,
-            "sample_tokens": tokens_in_samples,
-            "nsp_random_samples": nsp_random,
-            "masked_tokens": masked,
-            "nsp_random_fraction": nsp_random / max(1, samples),
-            "mean_masked_count": masked / max(1, samples),
+            "heldout_documents": stats.heldout_documents,
+            **train.counts(),
         },
+        "heldout_fraction": job.heldout_fraction,
     }
     if job.num_parts > 1:
         manifest["part"] = {"index": job.part, "num_parts": job.num_parts, "units": [plan.first, plan.end]}
+    if held is not None:
+        if held.samples == 0 and job.num_parts == 1:
+            raise UsageError(f"--heldout_fraction {job.heldout_fraction}: no document was held out of "
+                             f"{stats.documents}; raise the fraction or give more documents")
+        held_manifest = {
+            **manifest,
+            "num_samples": held.samples,
+            **_samples_config(dataclasses.replace(job, samples=held.cfg), info),
+            "shards": heldout_shards,
+            "stats": {"documents": stats.heldout_documents, **held.counts()},
+            "heldout_of": "..",
+        }
+        held_manifest.pop("heldout_fraction")
+        write_json_atomic(tmp / HELDOUT_DIR / MANIFEST_NAME, held_manifest)
+        manifest["heldout"] = {"dir": HELDOUT_DIR, "num_samples": held.samples, "documents": stats.heldout_documents}
     write_json_atomic(tmp / MANIFEST_NAME, manifest)  # last: its presence marks completeness
     return manifest
 
@@ -481,6 +539,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardJob:
     p.add_argument("--unit_mb", type=float, default=1.0, help="work unit / random-next pool size (MiB)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--heldout_fraction", type=float, default=0.0,
+                   help="fraction of documents set aside (never trained on) into OUT/heldout, static masks, "
+                        "for pretrain_bert.py --eval_data OUT/heldout")
     p.add_argument("--num_parts", type=int, default=1,
                    help="machines preparing this set together (then data_prep/merge_shards.py)")
     p.add_argument("--part", type=int, default=0, help="which of the --num_parts this machine writes (0-based)")
@@ -502,7 +563,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardJob:
         inputs=tuple(a.input), tokenizer=a.tokenizer, out=a.out, samples=samples, seed=a.seed,
         samples_per_shard=a.samples_per_shard, unit_mb=a.unit_mb, input_format=a.input_format, read=read,
         hf_dataset=a.hf_dataset, hf_config=a.hf_config, hf_split=a.hf_split, num_parts=a.num_parts, part=a.part,
-        workers=a.workers,
+        workers=a.workers, heldout_fraction=a.heldout_fraction,
     )
 
 
@@ -517,9 +578,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     part = f" (part {job.part} of {job.num_parts})" if job.num_parts > 1 else ""
     print(
         f"create_shards: {manifest['num_samples']} samples of length {manifest['seq_length']} in "
-        f"{len(manifest['shards'])} shard(s) from {s['documents']} documents{part} -> {job.out}",
+        f"{len(manifest['shards'])} shard(s) from {s['documents'] - s['heldout_documents']} documents{part} -> {job.out}",
         file=sys.stderr,
     )
+    if "heldout" in manifest:
+        h = manifest["heldout"]
+        print(f"create_shards: held out {h['num_samples']} samples (static masks) from {h['documents']} other "
+              f"documents -> {Path(job.out) / HELDOUT_DIR}", file=sys.stderr)
     expected = job.samples.random_next_prob
     skewed = abs(s["nsp_random_fraction"] - expected) > NSP_WARN_TOLERANCE
     if manifest["num_samples"] >= NSP_WARN_MIN_SAMPLES and skewed:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lbllm.data.shards import (
+    HELDOUT_DIR,
     MANIFEST_NAME,
     DataError,
     check_npy_header,
@@ -53,7 +54,7 @@ SAMPLE_KEYS = (
 # Parts of one plan must also agree on how they were made.
 PART_KEYS = SAMPLE_KEYS + (
     "short_seq_prob", "random_next_prob", "dupe_factor", "seed", "mask_seed", "samples_per_shard", "unit_mb",
-    "read_options", "plan",
+    "read_options", "plan", "heldout_fraction",
 )
 MODES = ("link", "move", "copy")
 
@@ -155,50 +156,28 @@ def merge(dirs: Sequence[Path], out: Path, mode: str = "link", verify: bool = Fa
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
         raise UsageError(f"--out {out}: exists and is not a shard directory (no {MANIFEST_NAME}); choose another path")
     manifests = [m for _, m in parts]
-    total = sum(int(m["num_samples"]) for m in manifests)
-    if total == 0:
+    if sum(int(m["num_samples"]) for m in manifests) == 0:
         raise UsageError("--parts: together they hold no samples")
+    with_heldout = [m.get("heldout") is not None for m in manifests]
+    if any(with_heldout) and not all(with_heldout):
+        odd = next(d for (d, _), w in zip(parts, with_heldout) if not w)
+        raise UsageError(f"{odd}: has no {HELDOUT_DIR}/ set but other --parts do; prepare all with the same "
+                         "--heldout_fraction")
+    heldout_parts = load_parts([d / m["heldout"]["dir"] for d, m in parts]) if all(with_heldout) else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out)
     try:
-        shards: list[dict[str, Any]] = []
-        for d, m in parts:
-            for record in m["shards"]:
-                files = {}
-                for name, info in record["files"].items():
-                    src = d / info["file"]
-                    if not src.is_file() or src.stat().st_size != info["bytes"]:
-                        raise UsageError(f"{src}: missing or not {info['bytes']} bytes as its manifest says; "
-                                         "prepare that part again")
-                    try:
-                        check_npy_header(src, info)
-                    except DataError as e:
-                        raise UsageError(str(e)) from e
-                    if verify and sha256_file(src) != info["sha256"]:
-                        raise UsageError(
-                            f"{src}: SHA-256 does not match its manifest (corrupt); prepare that part again"
-                        )
-                    dst = tmp / shard_file_name(len(shards), name)
-                    _place(src, dst, mode, out)
-                    files[name] = {**info, "file": dst.name}
-                shards.append({**record, "files": files})
-        merged = dict(manifests[0])
-        merged.pop("part", None)
-        merged["num_samples"] = total
-        merged["shards"] = shards
-        merged["stats"] = merged_stats(manifests)
-        if manifests[0].get("part") is None:  # independent sets: their inputs and plans differ
-            merged["inputs"] = [i for m in manifests for i in m.get("inputs", [])]
-            merged.pop("plan", None)
-        merged["merged_from"] = [{"dir": str(d), "num_samples": int(m["num_samples"]),
-                                  **({"part": m["part"]["index"]} if m.get("part") else {})} for d, m in parts]
-        write_json_atomic(tmp / MANIFEST_NAME, merged)  # last: its presence marks completeness
+        held = None
+        if heldout_parts is not None:
+            (tmp / HELDOUT_DIR).mkdir()
+            held = _write_merged(heldout_parts, tmp / HELDOUT_DIR, mode, verify, out)
+        merged = _write_merged(parts, tmp, mode, verify, out, heldout=held)
         publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if mode == "move":
-        for d, m in parts:
+        for d, m in [*(heldout_parts or []), *parts]:  # held-out sets first: they live inside the parts
             (d / MANIFEST_NAME).unlink()  # first: a part must never look complete with files gone
             for record in m["shards"]:
                 for info in record["files"].values():
@@ -207,6 +186,50 @@ def merge(dirs: Sequence[Path], out: Path, mode: str = "link", verify: bool = Fa
                 d.rmdir()
             except OSError:
                 pass  # something else lives there; leave it
+    return merged
+
+
+def _write_merged(parts: Sequence[tuple[Path, dict[str, Any]]], tmp: Path, mode: str, verify: bool, out: Path,
+                  heldout: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Place the parts' files into ``tmp`` under continuous shard numbers and write the
+    merged manifest there (last). Returns it."""
+    manifests = [m for _, m in parts]
+    total = sum(int(m["num_samples"]) for m in manifests)
+    shards: list[dict[str, Any]] = []
+    for d, m in parts:
+        for record in m["shards"]:
+            files = {}
+            for name, info in record["files"].items():
+                src = d / info["file"]
+                if not src.is_file() or src.stat().st_size != info["bytes"]:
+                    raise UsageError(f"{src}: missing or not {info['bytes']} bytes as its manifest says; "
+                                     "prepare that part again")
+                try:
+                    check_npy_header(src, info)
+                except DataError as e:
+                    raise UsageError(str(e)) from e
+                if verify and sha256_file(src) != info["sha256"]:
+                    raise UsageError(
+                        f"{src}: SHA-256 does not match its manifest (corrupt); prepare that part again"
+                    )
+                dst = tmp / shard_file_name(len(shards), name)
+                _place(src, dst, mode, out)
+                files[name] = {**info, "file": dst.name}
+            shards.append({**record, "files": files})
+    merged = dict(manifests[0])
+    merged.pop("part", None)
+    merged["num_samples"] = total
+    merged["shards"] = shards
+    merged["stats"] = merged_stats(manifests)
+    if manifests[0].get("part") is None:  # independent sets: their inputs and plans differ
+        merged["inputs"] = [i for m in manifests for i in m.get("inputs", [])]
+        merged.pop("plan", None)
+    merged["merged_from"] = [{"dir": str(d), "num_samples": int(m["num_samples"]),
+                              **({"part": m["part"]["index"]} if m.get("part") else {})} for d, m in parts]
+    if heldout is not None:
+        merged["heldout"] = {"dir": HELDOUT_DIR, "num_samples": heldout["num_samples"],
+                             "documents": heldout["stats"].get("documents", 0)}
+    write_json_atomic(tmp / MANIFEST_NAME, merged)  # last: its presence marks completeness
     return merged
 
 

@@ -864,7 +864,7 @@ def test_static_sets_ignore_the_epoch(everything):
 
     ds = everything["ds"]
     a, b = ds.get_batch(np.arange(50), epoch=0), ds.get_batch(np.arange(50), epoch=9)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
 def _reference_selection(ids, lengths, cfg: MaskingConfig, keys) -> list[list[int]]:
@@ -1129,3 +1129,97 @@ def test_sampler_errors_and_batch_ramp():
     resumed = GlobalBatchSampler(1000, 32, 8, seed=1)
     resumed.load_state_dict(state)
     assert np.array_equal(np.concatenate([x for _, x in zip(range(8), iter(resumed))]), after)
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out set (--heldout_fraction): documents never trained on, masks fixed
+# ---------------------------------------------------------------------------------------
+
+
+def _unmasked(directory: Path) -> np.ndarray:
+    """Every sample's original tokens (static masks undone), one row per sample."""
+    ds = PretrainingDataset(directory)
+    b = {k: v.numpy() for k, v in ds.get_batch(np.arange(len(ds))).items()}
+    ids = b["input_ids"].copy()
+    for r in range(len(ids)):
+        real = b["masked_lm_weights"][r] > 0
+        ids[r, b["masked_lm_positions"][r][real]] = b["masked_lm_ids"][r][real]
+    return ids
+
+
+def _segments(ids: np.ndarray, sep: int) -> set[tuple[int, ...]]:
+    """The token runs between [CLS]/[SEP] of every sample (its sentence runs)."""
+    out = set()
+    for row in ids:
+        run: list[int] = []
+        for t in row[1:]:
+            if t == sep or t == 0:
+                if len(run) >= 6:
+                    out.add(tuple(run))
+                run = []
+                if t == 0:
+                    break
+            else:
+                run.append(int(t))
+    return out
+
+
+@pytest.fixture(scope="session")
+def heldout(data) -> Path:
+    out = data["root"] / "with_heldout"
+    assert shards_in_process(*data["args"], "--masking", "dynamic", "--heldout_fraction", 0.2, "--out", out) == 0
+    return out
+
+
+def test_heldout_set_holds_other_documents_with_fixed_masks(data, heldout, dynamic):
+    train_m = json.loads((heldout / "manifest.json").read_text())
+    held_m = json.loads((heldout / "heldout" / "manifest.json").read_text())
+    full_m = json.loads((dynamic / "manifest.json").read_text())
+    assert held_m["masking"] == "static" and held_m["dupe_factor"] == 1 and train_m["masking"] == "dynamic"
+    assert train_m["heldout"] == {"dir": "heldout", "num_samples": held_m["num_samples"],
+                                  "documents": train_m["stats"]["heldout_documents"]}
+    # Every document lands in exactly one set; about the asked-for fraction is held out.
+    assert train_m["stats"]["documents"] == full_m["stats"]["documents"]
+    assert 0.1 < train_m["stats"]["heldout_documents"] / train_m["stats"]["documents"] < 0.3
+    assert held_m["num_samples"] > 50 and train_m["num_samples"] < full_m["num_samples"]
+    # No held-out sentence run appears in any training sample (nor as a random-next segment).
+    sep = json.loads((heldout / "manifest.json").read_text())["special_ids"]["sep"]
+    train_runs = _segments(all_arrays(heldout)["input_ids"], sep)
+    held_runs = _segments(_unmasked(heldout / "heldout"), sep)
+    assert len(held_runs) > 20 and not (held_runs & train_runs)
+    control = _segments(all_arrays(dynamic)["input_ids"], sep)
+    assert held_runs & control  # the check can fail: the full set does contain them
+    # Masks are stored: reading twice (any epoch) gives the same predictions.
+    ds = PretrainingDataset(heldout / "heldout", tokenizer_dir=data["tok"])
+    a, b = ds.get_batch(np.arange(len(ds)), epoch=0), ds.get_batch(np.arange(len(ds)), epoch=5)
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_heldout_split_is_the_same_for_workers_and_parts(data, heldout, tmp_path):
+    merge_shards = load_script("merge_shards")
+    cli("create_shards.py", *data["args"], "--masking", "dynamic", "--heldout_fraction", 0.2, "--workers", 2,
+        "--out", tmp_path / "w2")
+    assert_same_samples(tmp_path / "w2" / "heldout", heldout / "heldout")
+    assert_same_samples(tmp_path / "w2", heldout)
+    for part in range(2):
+        assert shards_in_process(*data["args"], "--masking", "dynamic", "--heldout_fraction", 0.2,
+                                 "--num_parts", 2, "--part", part, "--out", tmp_path / f"p{part}") == 0
+    assert merge_shards.main(["--parts", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "all"),
+                              "--mode", "move"]) == 0
+    assert_same_samples(tmp_path / "all" / "heldout", heldout / "heldout")
+    assert_same_samples(tmp_path / "all", heldout)
+    merged = json.loads((tmp_path / "all" / "manifest.json").read_text())
+    assert merged["heldout"]["num_samples"] == json.loads((heldout / "manifest.json").read_text())["heldout"]["num_samples"]
+    assert not (tmp_path / "p0").exists() and not (tmp_path / "p1").exists()
+    # Parts with and without a held-out set do not merge.
+    assert shards_in_process(*data["args"], "--masking", "dynamic", "--num_parts", 2, "--part", 0,
+                             "--out", tmp_path / "q0") == 0
+    assert shards_in_process(*data["args"], "--masking", "dynamic", "--heldout_fraction", 0.2, "--num_parts", 2,
+                             "--part", 1, "--out", tmp_path / "q1") == 0
+    assert merge_shards.main(["--parts", str(tmp_path / "q*"), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_heldout_fraction_out_of_range_is_one_line(data, tmp_path):
+    proc = cli("create_shards.py", *data["args"], "--heldout_fraction", 0.9, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "--heldout_fraction 0.9" in proc.stderr and not (tmp_path / "x").exists()

@@ -101,6 +101,7 @@ class CorpusStats:
     long_sentences_split: int = 0  # sentences cut into max_num_tokens pieces
     pairs_skipped: int = 0  # one-sentence documents alone in their unit (no random partner)
     tokens: int = 0  # text tokens read (before pairing)
+    heldout_documents: int = 0  # of `documents`, those set aside for held-out evaluation
 
     def __add__(self, other: "CorpusStats") -> "CorpusStats":
         return CorpusStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})

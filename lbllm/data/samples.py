@@ -42,6 +42,7 @@ Where the text comes from and how it is cut into units is ``lbllm.data.inputs``.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass, fields
@@ -50,7 +51,7 @@ from typing import Sequence
 import numpy as np
 
 from lbllm.data.inputs import CorpusStats, ReadOptions, Source, TextUnit, read_documents
-from lbllm.data.masking import MaskingConfig, derive_seed, mask_tokens, row_keys
+from lbllm.data.masking import MaskingConfig, derive_seed, mask_tokens, row_keys, uniform
 
 MASKING_MODES = ("static", "dynamic")
 
@@ -58,6 +59,7 @@ MASKING_MODES = ("static", "dynamic")
 _STREAM_PAIRS = 0
 _STREAM_MASK = 1
 _STREAM_ORDER = 2
+_STREAM_HELDOUT = 3  # which documents are held out, and (mixed into the seed) their samples
 
 # ---------------------------------------------------------------------------------------
 # Sentence splitting
@@ -435,6 +437,23 @@ def documents_to_samples(
     return SampleBatch(**{name: a[order] for name, a in batch.arrays().items()})
 
 
+def heldout_documents(num_docs: int, fraction: float, seed: int, unit_index: int) -> np.ndarray:
+    """Which of a unit's documents are held out (bool per document): a hash of (seed,
+    unit, document index) below ``fraction``, so the choice is the same for any number
+    of workers or machines and no held-out document's text reaches a training sample
+    (not even as an NSP "random next" segment: each set draws from its own documents)."""
+    if fraction <= 0.0 or num_docs == 0:
+        return np.zeros(num_docs, dtype=bool)
+    keys = row_keys((seed, unit_index, _STREAM_HELDOUT), np.arange(num_docs))
+    return uniform(keys, 0, 1)[:, 0] < fraction
+
+
+def heldout_config(cfg: SampleConfig) -> SampleConfig:
+    """Held-out samples: one pass, masks drawn once and stored, so every evaluation of
+    every run scores the same sequences at the same positions."""
+    return dataclasses.replace(cfg, masking="static", dupe_factor=1)
+
+
 def unit_to_samples(
     unit: TextUnit,
     unit_index: int,
@@ -444,9 +463,19 @@ def unit_to_samples(
     seed: int,
     options: ReadOptions = ReadOptions(),
     sources: Sequence[Source] = (),
-) -> tuple[SampleBatch, CorpusStats]:
-    """Read, split, tokenize and turn one unit into samples."""
+    heldout_fraction: float = 0.0,
+) -> tuple[SampleBatch, SampleBatch | None, CorpusStats]:
+    """Read, split, tokenize and turn one unit into (training samples, held-out samples
+    or None when ``heldout_fraction`` is 0, stats). ``stats.heldout_documents`` counts
+    the documents set aside."""
     stats = CorpusStats()
     documents = split_documents(read_documents(unit, stats, options, sources))
     tokens = tokenize_documents(tokenizer, documents, cfg.max_num_tokens, stats)
-    return documents_to_samples(tokens, cfg, vocab, seed, unit_index, stats), stats
+    if heldout_fraction <= 0.0:
+        return documents_to_samples(tokens, cfg, vocab, seed, unit_index, stats), None, stats
+    held = heldout_documents(len(tokens), heldout_fraction, seed, unit_index)
+    stats.heldout_documents += int(held.sum())
+    train = documents_to_samples([d for d, h in zip(tokens, held) if not h], cfg, vocab, seed, unit_index, stats)
+    heldout = documents_to_samples([d for d, h in zip(tokens, held) if h], heldout_config(cfg), vocab,
+                                   derive_seed(seed, _STREAM_HELDOUT), unit_index, CorpusStats())
+    return train, heldout, stats

@@ -54,6 +54,9 @@ from lbllm.data.masking import DYNAMIC_STREAM, MaskingConfig, mask_tokens, row_k
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+# create_shards.py --heldout_fraction writes the held-out set (a complete shard set of
+# its own, static masks) into this subdirectory of the training set.
+HELDOUT_DIR = "heldout"
 # Field name -> (rank, fixed dtype or None for the token-id dtype). Order = file order.
 FIELDS: dict[str, tuple[int, str | None]] = {
     "input_ids": (2, None),

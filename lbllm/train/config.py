@@ -36,9 +36,12 @@ class RunConfig:
     # (NVIDIA's recipe), which weights tokens unequally when micro-batches differ.
     loss_normalization: str = "global"
     noise_scale_interval: int = 0  # measure the gradient noise scale every K steps (0: never)
+    eval_data: Path | None = None  # held-out shard set (create_shards.py --heldout_fraction -> DATA/heldout)
+    eval_interval_samples: int = 0  # evaluate every N consumed samples; 0: only after the last step
+    eval_batch_size: int | None = None  # sequences per evaluation forward (default: the micro-batch size)
 
     def __post_init__(self) -> None:
-        for name in ("deepspeed_config", "data_dir", "output_dir", "tokenizer", "init_checkpoint"):
+        for name in ("deepspeed_config", "data_dir", "output_dir", "tokenizer", "init_checkpoint", "eval_data"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))
@@ -54,6 +57,12 @@ class RunConfig:
             raise ConfigError(f"--loss_normalization {self.loss_normalization!r}: must be 'global' or 'micro'")
         if self.noise_scale_interval < 0:
             raise ConfigError(f"--noise_scale_interval {self.noise_scale_interval}: must be >= 0")
+        if self.eval_interval_samples < 0:
+            raise ConfigError(f"--eval_interval_samples {self.eval_interval_samples}: must be >= 0")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError(f"--eval_batch_size {self.eval_batch_size}: must be >= 1")
+        if self.eval_data is None and self.eval_interval_samples:
+            raise ConfigError("--eval_interval_samples needs --eval_data DIR (a held-out set, e.g. DATA_DIR/heldout)")
         if self.save_interval < 0:
             raise ConfigError(f"--save_interval {self.save_interval}: must be >= 0")
         if not self.deepspeed_config.is_file():
@@ -62,6 +71,13 @@ class RunConfig:
             raise ConfigError(
                 f"--data_dir {self.data_dir}: directory not found (prepare it with data_prep/create_shards.py)"
             )
+        if self.eval_data is not None:
+            if not self.eval_data.is_dir():
+                raise ConfigError(f"--eval_data {self.eval_data}: directory not found (prepare a held-out set with "
+                                  "data_prep/create_shards.py --heldout_fraction F; it is written to OUT/heldout)")
+            if self.eval_data.resolve() == self.data_dir.resolve():
+                raise ConfigError(f"--eval_data {self.eval_data}: is the training set; pass its held-out set "
+                                  f"({self.data_dir / 'heldout'}) or another set of documents never trained on")
         if self.tokenizer is None:
             self.tokenizer = self.data_dir.parent / "tokenizer"
         if not (self.tokenizer / "tokenizer_config.json").is_file():

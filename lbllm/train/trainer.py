@@ -34,6 +34,7 @@ from lbllm.train.engine import (
     resolve_config,
     world_size_from_env,
 )
+from lbllm.train.eval import due, evaluate_mlm
 from lbllm.train.metrics import MetricsWriter
 
 log = logging.getLogger("lbllm")
@@ -55,6 +56,7 @@ class Setup:
     tokenizer: Any
     bert_config: Any
     max_steps: int
+    eval_dataset: PretrainingDataset | None = None
 
 
 def prepare(run: RunConfig) -> Setup:
@@ -80,7 +82,13 @@ def prepare(run: RunConfig) -> Setup:
             f"{run.data_dir}: {len(dataset)} samples is fewer than one global batch "
             f"(train_batch_size={resolved.layout.global_batch_size}); prepare more data or lower the batch"
         )
-    return Setup(run, resolved, dataset, tokenizer, bert_config, max_steps)
+    eval_dataset = None
+    if run.eval_data is not None:
+        eval_dataset = PretrainingDataset(run.eval_data, tokenizer_dir=run.tokenizer)
+        if eval_dataset.seq_length > bert_config.max_position_embeddings:
+            raise ConfigError(f"--eval_data {run.eval_data}: seq length {eval_dataset.seq_length} exceeds the model's "
+                              f"{bert_config.max_position_embeddings} positions")
+    return Setup(run, resolved, dataset, tokenizer, bert_config, max_steps, eval_dataset)
 
 
 class Trainer:
@@ -129,6 +137,13 @@ class Trainer:
             dist.all_reduce(sq)
             sq /= dist.get_world_size()
         return sq.item()
+
+    def _evaluate(self, engine: Any) -> dict:
+        ev = evaluate_mlm(engine, self.s.eval_dataset, self.run.eval_batch_size or self.s.resolved.layout.micro_batch_size,
+                          self.rank, self.s.resolved.layout.world_size)
+        self._log(f"held-out eval ({ev['eval_samples']} sequences): MLM loss {ev['eval_mlm_loss']:.4f} "
+                  f"acc {ev['eval_mlm_acc']:.4f} | NSP acc {ev['eval_nsp_acc']:.4f}")
+        return ev
 
     def train(self) -> dict:
         s, run, layout = self.s, self.run, self.s.resolved.layout
@@ -254,6 +269,9 @@ class Trainer:
                 last["grad_sqnorm_small"], last["grad_sqnorm_big"] = sq_small, sq_big
                 if b_simple is not None:
                     last["grad_noise_scale"] = b_simple
+            if s.eval_dataset is not None and (step == s.max_steps or due(consumed - batch_size, consumed,
+                                                                          run.eval_interval_samples)):
+                last.update(self._evaluate(engine))
             metrics.write(last)
             if progress is not None:
                 progress.update(1)

@@ -1,0 +1,86 @@
+"""Held-out MLM evaluation (pretrain_bert.py --eval_data): the same figure for any
+number of ranks or ZeRO stage, at the asked-for sample intervals, and one-line errors."""
+from __future__ import annotations
+
+import glob
+import sys
+
+import pytest
+
+from conftest import run_cli, write_ds_config
+from lbllm.train.eval import due, slice_bounds
+from lbllm.train.metrics import read_metrics
+from test_pretrain import pretrain
+
+EVAL_KEYS = ("eval_mlm_loss", "eval_mlm_acc", "eval_nsp_loss", "eval_nsp_acc")
+
+
+@pytest.fixture(scope="module")
+def heldout_data(tiny_data):
+    """shards_64h/ (training) and shards_64h/heldout/ (documents never trained on)."""
+    corpus = sorted(glob.glob(str(tiny_data / "corpus" / "*.txt")))
+    out = tiny_data / "shards_64h"
+    if not (out / "manifest.json").is_file():
+        run_cli(sys.executable, "data_prep/create_shards.py", "--input", *corpus, "--tokenizer",
+                tiny_data / "tokenizer", "--max_seq_length", 64, "--max_predictions_per_seq", 10, "--out", out,
+                "--seed", "1", "--workers", "1", "--heldout_fraction", "0.15")
+    return tiny_data
+
+
+def test_slices_cover_the_set_once():
+    for n in (0, 1, 7, 100):
+        for world in (1, 2, 3, 8):
+            bounds = [slice_bounds(n, world, r) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
+
+
+def test_due_every_interval_of_samples():
+    # batch 8, interval 20: evaluations after the steps that cross 20, 40, 60
+    crossings = [s for s in range(1, 9) if due(8 * (s - 1), 8 * s, 20)]
+    assert crossings == [3, 5, 8]
+    assert not any(due(a, a + 8, 0) for a in range(0, 80, 8))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_heldout_eval_is_the_same_on_one_and_two_ranks(heldout_data, tmp_path, stage):
+    """fp32, dropout 0: the weights after each step agree across world sizes (the loss is
+    split-invariant), so the held-out figures must too; only the summation order differs."""
+    cfg = write_ds_config(tmp_path / "ds.json", train_batch_size=8, train_micro_batch_size_per_gpu=4,
+                          zero_optimization={"stage": stage})
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"w{procs}"
+        extra = ["--max_steps", "3", "--dropout", "0", "--eval_data", heldout_data / "shards_64h" / "heldout",
+                 "--eval_interval_samples", "16", "--eval_batch_size", "3"]
+        if procs == 1:
+            cfg1 = write_ds_config(tmp_path / "ds1.json", train_batch_size=8, train_micro_batch_size_per_gpu=4,
+                                   zero_optimization={"stage": min(stage, 2)})  # ZeRO 3 needs no partner here
+            pretrain(heldout_data, out, cfg1, *extra, shards="shards_64h")
+        else:
+            pretrain(heldout_data, out, cfg, *extra, procs=2, shards="shards_64h")
+        runs[procs] = read_metrics(out / "metrics.jsonl")
+    one, two = runs[1], runs[2]
+    # Evaluated after step 2 (16 samples) and after the last step (3), not after step 1.
+    assert [("eval_mlm_loss" in r) for r in one] == [False, True, True]
+    assert [("eval_mlm_loss" in r) for r in two] == [False, True, True]
+    for a, b in zip(one[1:], two[1:]):
+        assert a["eval_samples"] == b["eval_samples"] > 20
+        for key in EVAL_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=2e-6, abs=1e-7), key
+    # The model changed between the two evaluations: the figure measures it.
+    assert one[1]["eval_mlm_loss"] != one[2]["eval_mlm_loss"]
+
+
+def test_eval_options_are_checked(heldout_data, tmp_path):
+    cfg = write_ds_config(tmp_path / "ds.json")
+    proc = pretrain(heldout_data, tmp_path / "a", cfg, "--eval_interval_samples", "8", check=False, shards="shards_64h")
+    assert proc.returncode == 2 and "--eval_interval_samples needs --eval_data" in proc.stderr
+    proc = pretrain(heldout_data, tmp_path / "b", cfg, "--eval_data", heldout_data / "shards_64h", check=False,
+                    shards="shards_64h")
+    assert proc.returncode == 2 and "is the training set" in proc.stderr
+    proc = pretrain(heldout_data, tmp_path / "c", cfg, "--eval_data", tmp_path / "nowhere", check=False,
+                    shards="shards_64h")
+    assert proc.returncode == 2 and "--heldout_fraction" in proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
