@@ -14,28 +14,34 @@ Conventions shared with postprocess.py and finetune.py:
   the original BERT recipe, so every window keeps room for context;
 - `offsets[f, t] = (char_start, char_end)` into the example's context for context
   tokens and (-1, -1) for everything else (CLS, question, SEP, padding);
-- training answers that do not lie wholly inside a window point at CLS (index 0).
+- training answers that do not lie wholly inside a window point at CLS (index 0);
+- files are checked, not repaired: an `answer_start` that does not point at its text
+  (after trimming surrounding whitespace) is an error, or a skipped question on request.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-
-from lbllm.jsonio import read_json
 from typing import Any, Sequence
 
 import numpy as np
 
+from lbllm.jsonio import read_json
+
 __all__ = [
     "SquadFormatError",
+    "BadQuestionError",
+    "BadQuestion",
     "SquadExample",
     "TrainFeatures",
     "EvalFeatures",
     "read_squad_json",
+    "load_squad_json",
+    "check_squad",
+    "trim_answer",
     "check_lengths",
     "answer_token_positions",
     "examples_from_json",
@@ -51,6 +57,11 @@ _CHUNK = 2048
 
 class SquadFormatError(ValueError):
     """The file is not usable SQuAD v1.1; the message names the file and the fix."""
+
+
+class BadQuestionError(SquadFormatError):
+    """One question is unusable (the rest of the file may be fine), so a caller can
+    offer to skip such questions instead."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,7 @@ class TrainFeatures:
     example_index: np.ndarray  # (N,) int64 into the example list
     offsets: np.ndarray  # (N, L, 2) int32, -1 outside the context
     lengths: np.ndarray  # (N,) int64 real (unpadded) token count
-    num_skipped: int = 0  # examples dropped because their answer is not in the context
+    num_skipped: int = 0  # examples dropped because they have no answer position (answer_start < 0)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -106,105 +117,190 @@ class EvalFeatures:
 
 # --------------------------------------------------------------------------- reading
 
+# A question-level problem names the question by id when it has one, else by position.
+_SHAPE = '{"data": [{"paragraphs": [{"context": str, "qas": [{"id", "question", "answers": [{"text", "answer_start"}]}]}]}]}'
 
-def read_squad_json(path: str | os.PathLike) -> dict:
-    """Load and structurally check a SQuAD v1.1 file, failing with a message a user
-    can act on instead of a KeyError deep in preprocessing."""
+
+@dataclass(frozen=True)
+class BadQuestion:
+    """One unusable question: `problem` and `fix` read as one sentence after its name."""
+
+    qid: str | None
+    where: str  # data[a].paragraphs[p].qas[q]
+    problem: str
+    fix: str
+
+    def message(self, path: str | os.PathLike) -> str:
+        name = f"question {self.qid!r} ({self.where})" if self.qid is not None else f"question {self.where}"
+        return f"{path}: {name} {self.problem}; {self.fix}"
+
+
+def read_squad_json(path: str | os.PathLike, *, check_answer_starts: bool = True) -> dict:
+    """Load a SQuAD v1.1 file, refusing any unusable question (see `load_squad_json`)."""
+    return load_squad_json(path, check_answer_starts=check_answer_starts)[0]
+
+
+def load_squad_json(
+    path: str | os.PathLike, *, skip_bad_examples: bool = False, check_answer_starts: bool = True
+) -> tuple[dict, list[BadQuestion]]:
+    """Load and check a SQuAD v1.1 file, failing with a message a user can act on
+    instead of a KeyError (or a silently wrong label) deep in preprocessing.
+
+    Returns (data, skipped): with `skip_bad_examples`, unusable questions are left out
+    of `data` and listed in `skipped`; otherwise the first one raises BadQuestionError.
+    """
     path = Path(path)
     data = read_json(path, SquadFormatError, "pass an existing SQuAD v1.1 json file",
                      "regenerate or re-download the file")
-    _check_structure(data, path)
-    return data
+    return check_squad(data, path, skip_bad_examples=skip_bad_examples, check_answer_starts=check_answer_starts)
 
 
-def _fail(path: Path, what: str) -> SquadFormatError:
-    return SquadFormatError(
-        f"{path}: not SQuAD v1.1 format ({what}); expected "
-        '{"data": [{"paragraphs": [{"context": str, "qas": [{"id", "question", "answers": [{"text", "answer_start"}]}]}]}]}'
-    )
+def _fail(path: str | os.PathLike, what: str) -> SquadFormatError:
+    return SquadFormatError(f"{path}: not SQuAD v1.1 format ({what}); expected {_SHAPE}")
 
 
-def _check_structure(data: Any, path: Path) -> None:
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise _fail(path, 'top level must be an object with a "data" list')
-    version = str(data.get("version", "1.1")).lower().lstrip("v")
-    if version.startswith("2"):
+def _check_version(data: dict, path: str | os.PathLike) -> None:
+    """An absent "version" is fine (hand-made files); any other than "1.1" is not,
+    since a 2.0 file trains on unanswerable questions as if they had answers."""
+    if "version" not in data:
+        return
+    version = str(data["version"])
+    if version.lower().lstrip("v").startswith("2"):
         raise _fail(path, f"version {data['version']!r} is SQuAD 2.0, which has unanswerable questions")
     if version != "1.1":
-        # The official script only warns here; so do we, as the structure is what matters.
-        print(f"warning: {path}: version {data['version']!r}, expected 1.1", file=sys.stderr)
+        raise SquadFormatError(
+            f'{path}: "version" is {data["version"]!r}, not "1.1"; pass a SQuAD v1.1 file '
+            '(if it is one, set "version": "1.1" or drop the key)'
+        )
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """repr of a snippet, cut so an error stays one readable line."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _answer_problem(context: str, answer: Any, check_start: bool) -> tuple[str, str] | None:
+    """(problem, fix) for one gold answer, or None when it is usable."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("text"), str) or \
+            not isinstance(answer.get("answer_start"), int) or isinstance(answer.get("answer_start"), bool):
+        return ('has an answer without a string "text" and an integer "answer_start"',
+                'give every answer {"text": str, "answer_start": int}')
+    if not answer["text"].strip():
+        return 'has an answer with an empty "text"', "give the answer its text or remove it"
+    if check_start and trim_answer(context, answer["text"], answer["answer_start"]) is None:
+        text, start = answer["text"], answer["answer_start"]
+        return (f"has answer_start {start} that does not match the context "
+                f"(context[{start}:{start + len(text)}] is {_short(context[max(0, start):start + len(text)])}, "
+                f"the answer text is {_short(text)})",
+                "set answer_start to the character offset of the text in the context")  # fmt: skip
+    return None
+
+
+def _question_problem(qa: Any, context: str, check_starts: bool) -> tuple[str, str] | None:
+    """(problem, fix) for one question, or None when it can be trained on and scored."""
+    if not isinstance(qa, dict):
+        return "is not an object", 'make it {"id": str, "question": str, "answers": [...]}'
+    for key in ("id", "question"):
+        if not isinstance(qa.get(key), str):
+            return f'lacks a string "{key}"', f'give it a "{key}" string'
+    answers = qa.get("answers")
+    if not isinstance(answers, list) or not answers:
+        return 'lacks "answers" (a non-empty list)', 'add "answers": [{"text": str, "answer_start": int}]'
+    for answer in answers:
+        problem = _answer_problem(context, answer, check_starts)
+        if problem is not None:
+            return problem
+    return None
+
+
+def check_squad(
+    data: Any, path: str | os.PathLike = "SQuAD data", *, skip_bad_examples: bool = False,
+    check_answer_starts: bool = True,
+) -> tuple[dict, list[BadQuestion]]:
+    """Check parsed SQuAD json; returns (usable data, skipped questions).
+
+    Structure above the question level (no "data" list, a paragraph without context,
+    SQuAD 2.0, a wrong "version") always raises SquadFormatError. A question that
+    lacks a field, has an answer whose `answer_start` does not point at its text (after
+    trimming surrounding whitespace), or repeats an earlier question's id raises
+    BadQuestionError, or with `skip_bad_examples` is left out (a repeat: the later one)
+    and listed. `check_answer_starts=False` is for scoring, which only reads the texts.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise _fail(path, 'top level must be an object with a "data" list')
+    _check_version(data, path)
+    skipped: list[BadQuestion] = []
+    seen: dict[str, str] = {}
+    articles = []
     for a, article in enumerate(data["data"]):
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
             raise _fail(path, f'data[{a}] has no "paragraphs" list')
+        paragraphs = []
         for p, paragraph in enumerate(article["paragraphs"]):
             where = f"data[{a}].paragraphs[{p}]"
             if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
                 raise _fail(path, f'{where} has no "context" string')
             if not isinstance(paragraph.get("qas"), list):
                 raise _fail(path, f'{where} has no "qas" list')
-            for qa in paragraph["qas"]:
-                if not isinstance(qa, dict) or not isinstance(qa.get("id"), str) or not isinstance(qa.get("question"), str):
-                    raise _fail(path, f'a question in {where} lacks a string "id" or "question"')
-                if qa.get("is_impossible"):
-                    raise _fail(path, f"question {qa['id']} is_impossible (SQuAD 2.0)")
-                answers = qa.get("answers")
-                if not isinstance(answers, list) or not answers:
-                    raise _fail(path, f'question {qa["id"]} has no "answers"')
-                for ans in answers:
-                    if not isinstance(ans, dict) or not isinstance(ans.get("text"), str) or not isinstance(ans.get("answer_start"), int):
-                        raise _fail(path, f'question {qa["id"]} has an answer without "text"/"answer_start"')
+            kept = []
+            for q, qa in enumerate(paragraph["qas"]):
+                qid = qa.get("id") if isinstance(qa, dict) and isinstance(qa.get("id"), str) else None
+                if isinstance(qa, dict) and qa.get("is_impossible"):
+                    raise _fail(path, f"question {qid!r} is_impossible (SQuAD 2.0)")
+                problem = _question_problem(qa, paragraph["context"], check_answer_starts)
+                if problem is None and qid in seen:
+                    problem = (f"repeats the id of the question at {seen[qid]}", "give every question a unique id")
+                if problem is None:
+                    seen[qid] = f"{where}.qas[{q}]"
+                    kept.append(qa)
+                    continue
+                bad = BadQuestion(qid, f"{where}.qas[{q}]", *problem)
+                if not skip_bad_examples:
+                    raise BadQuestionError(bad.message(path))
+                skipped.append(bad)
+            paragraphs.append({**paragraph, "qas": kept} if len(kept) < len(paragraph["qas"]) else paragraph)
+        articles.append({**article, "paragraphs": paragraphs})
+    return ({**data, "data": articles} if skipped else data), skipped
 
 
-def _locate_answer(context: str, text: str, start: int) -> tuple[str, int] | None:
-    """Return (text, start) with surrounding whitespace trimmed, re-anchored to the
-    nearest true occurrence if `answer_start` is off (a few SQuAD train answers are);
-    None if the text is nowhere in the context."""
+def trim_answer(context: str, text: str, start: int) -> tuple[str, int] | None:
+    """(text, start) with surrounding whitespace trimmed, or None when `answer_start`
+    does not point at the text: a wrong offset would train on the wrong span, and
+    guessing another occurrence of the text may guess wrong, so it is refused."""
     stripped = text.strip()
-    if not stripped:
+    if not stripped or start < 0:
         return None
     start += len(text) - len(text.lstrip())
-    if context[start : start + len(stripped)] == stripped:
-        return stripped, start
-    hits = []
-    at = context.find(stripped)
-    while at != -1:
-        hits.append(at)
-        at = context.find(stripped, at + 1)
-    if not hits:
-        return None
-    return stripped, min(hits, key=lambda h: abs(h - start))
+    return (stripped, start) if context[start : start + len(stripped)] == stripped else None
 
 
-def examples_from_json(data: dict) -> tuple[list[SquadExample], int]:
-    """Flatten a validated SQuAD dict into examples; returns (examples, num_unlocatable)
-    where unlocatable examples (answer text not in the context) get answer_start -1."""
+def examples_from_json(data: dict) -> list[SquadExample]:
+    """Flatten SQuAD json into examples, refusing unusable questions (check_squad);
+    pass the data `load_squad_json` returned to work on the usable ones only."""
+    data, _ = check_squad(data)
     examples: list[SquadExample] = []
-    bad = 0
     for article in data["data"]:
         for paragraph in article["paragraphs"]:
             context = paragraph["context"]
             for qa in paragraph["qas"]:
                 first = qa["answers"][0]
-                found = _locate_answer(context, first["text"], first["answer_start"])
-                if found is None:
-                    bad += 1
-                    found = (first["text"], -1)
+                text, start = trim_answer(context, first["text"], first["answer_start"])
                 examples.append(
                     SquadExample(
                         qid=qa["id"],
                         question=qa["question"],
                         context=context,
-                        answer_text=found[0],
-                        answer_start=found[1],
+                        answer_text=text,
+                        answer_start=start,
                         answers=tuple(a["text"] for a in qa["answers"]),
                     )
                 )
-    return examples, bad
+    return examples
 
 
 def load_examples(path: str | os.PathLike) -> list[SquadExample]:
     """read_squad_json + examples_from_json, for callers that only want examples."""
-    return examples_from_json(read_squad_json(path))[0]
+    return examples_from_json(read_squad_json(path))
 
 
 # ---------------------------------------------------------------------- tokenization
@@ -363,8 +459,9 @@ def prepare_train_features(
     doc_stride: int = 128,
     max_query_length: int = 64,
 ) -> TrainFeatures:
-    """Windows with start/end token labels. Examples whose answer text is nowhere in
-    the context are dropped (training on a wrong label is worse than not training)."""
+    """Windows with start/end token labels. Examples without an answer position
+    (answer_start < 0, only possible for hand-built examples: examples_from_json
+    refuses them) are dropped, as training on a wrong label is worse than not training."""
     usable = [e for e in examples if e.answer_start >= 0]
     a = _tokenize(tokenizer, usable, max_seq_length, doc_stride, max_query_length)
     idx = a["example_index"]

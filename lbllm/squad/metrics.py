@@ -16,10 +16,11 @@ the official one, including its quirks:
 from __future__ import annotations
 
 import re
+import statistics
 import string
 import sys
 from collections import Counter
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = [
     "normalize_answer",
@@ -27,6 +28,7 @@ __all__ = [
     "f1_score",
     "max_over_ground_truths",
     "evaluate",
+    "aggregate_seeds",
 ]
 
 _PUNCTUATION = frozenset(string.punctuation)
@@ -108,3 +110,23 @@ def evaluate(
     if total == 0:
         raise ValueError("SQuAD dataset has no questions to score")
     return {"exact_match": 100.0 * exact / total, "f1": 100.0 * f1 / total}
+
+
+def aggregate_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; 0.0 for one seed) of EM and F1 over
+    fine-tuning seeds, plus the seeds and the per-seed dicts themselves.
+
+    SQuAD F1 of one fine-tuning run moves by about a point with the seed of the fresh
+    QA head and the batch order, as much as recipes differ by, so results report the
+    spread they were measured with.
+    """
+    if not per_seed:
+        raise ValueError("aggregate_seeds needs the results of at least one seed")
+    out: dict[str, Any] = {}
+    for key in ("exact_match", "f1"):
+        values = [float(r[key]) for r in per_seed]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out["seeds"] = [r["seed"] for r in per_seed]
+    out["per_seed"] = [dict(r) for r in per_seed]
+    return out
