@@ -1,11 +1,20 @@
 #!/usr/bin/env python
 """The end-to-end demo on the embedded synthetic corpus (what `make demo` runs).
 
-corpus -> tokenizer -> seq-128 and seq-512 shards -> for each pretraining recipe
-(LAMB at a large batch, AdamW at a small batch, same data and epochs):
-phase 1 (seq 128) -> phase 2 (seq 512, re-warmup) -> SQuAD v1.1 fine-tune + eval;
-plus SQuAD from a randomly initialized model, to show what pretraining adds.
-Prints a table and writes OUT/results.json and OUT/results.md.
+corpus -> tokenizer -> phase-1 (seq 64) and phase-2 (seq 128) shards, each with a
+held-out set of documents never trained on -> for each recipe (AdamW at a small batch,
+LAMB at 8x that batch; the same samples and epochs): phase 1 -> phase 2 (re-warmup,
+moments carried) with held-out MLM evaluation and the gradient noise scale measured ->
+SQuAD v1.1 fine-tuning with 3 seeds; plus the same fine-tuning from a random init, to
+show what pretraining buys. Ends with scripts/compare_runs.py: OUT/results.md, .json, .png.
+
+    python scripts/demo.py --out demo_out              # the demo (~12-15 min on 2 CPU cores)
+    python scripts/demo.py --out demo_tune --tune_lr   # the LR tuning run behind the configs
+
+The sizes are a quarter of the paper's sequence lengths (64 / 128 instead of 128 / 512)
+so that a 2-layer model gets far below the unigram plateau of the MLM loss on 2 cores in
+minutes; the learning rates in ds_configs/demo_*.json come from `--tune_lr` (the same
+3 trials per optimizer, chosen on held-out MLM loss; output in docs/demo_lr_tuning.md).
 """
 from __future__ import annotations
 
@@ -17,10 +26,31 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import compare_runs  # noqa: E402  (a sibling script: the demo's table is its table)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    key: str
+    name: str
+    phase1: str  # ds_configs/ file names
+    phase2: str
+
+
+RECIPES = (
+    Recipe("adamw", "AdamW, batch 32 (baseline)", "demo_adamw_p1.json", "demo_adamw_p2.json"),
+    Recipe("lamb", "LAMB, batch 256 (8x)", "demo_lamb_p1.json", "demo_lamb_p2.json"),
+)
+RANDOM_INIT = "no pretraining (random init)"
+SEQ = {1: (64, 10), 2: (128, 20)}  # phase -> (sequence length, max predictions per sequence)
+TUNE_FACTORS = (0.5, 1.0, 2.0)  # the LR grid around each config's LR: the same 3 trials per optimizer
 
 
 def free_port() -> int:
@@ -35,11 +65,11 @@ class Demo:
         self.out = Path(args.out).resolve()
         self.data = self.out / "data"
         self.step_no = 0
-        # 4 data stages + 2 recipes x 2 phases + the random-init export + 3 SQuAD runs
-        self.total_steps = 4 + 2 * 2 + 1 + 3
+        self.total_steps = (4 + 2 * len(RECIPES) * len(TUNE_FACTORS) if args.tune_lr
+                            else 4 + 2 * len(RECIPES) + 1 + len(RECIPES) + 1 + 1)
         self.t0 = time.perf_counter()
 
-    def sh(self, title: str, cmd: list[str]) -> float:
+    def sh(self, title: str, cmd: list) -> float:
         """Run one stage with its progress on the terminal; stop the demo if it fails."""
         self.step_no += 1
         elapsed = time.perf_counter() - self.t0
@@ -51,110 +81,156 @@ class Demo:
             sys.exit(f"demo: stage '{title}' failed with exit code {rc}")
         return time.perf_counter() - t
 
-    def pretrain(self, config: str, data_dir: Path, out: Path, extra: list[str] = (), world: int = 2) -> float:
-        deepspeed = str(Path(PY).parent / "deepspeed")  # the launcher of this virtualenv
-        launcher = [deepspeed, "--num_gpus", str(world), "--master_port", str(free_port())] if world > 1 else [PY]
-        cmd = [*launcher, "pretrain_bert.py", "--deepspeed_config", f"ds_configs/{config}", "--data_dir", data_dir,
-               "--output_dir", out, "--model_config", self.a.model_config, "--seed", str(self.a.seed), *extra]
-        return self.sh(f"pretrain {out.relative_to(self.out)} ({config}, {world} ranks)", cmd)
-
-    def squad(self, name: str, model_dir: Path) -> dict:
-        out = self.out / "squad" / name
-        self.sh(f"SQuAD v1.1 fine-tune + eval: {name}", [
-            PY, "scripts/run_squad.py", "--model_dir", model_dir, "--train_file", self.data / "squad/train.json",
-            "--predict_file", self.data / "squad/dev.json", "--output_dir", out, "--epochs", str(self.a.squad_epochs),
-            "--batch_size", "16", "--lr", str(self.a.squad_lr), "--max_seq_length", "192", "--doc_stride", "64",
-            "--seed", str(self.a.seed)])
-        return json.loads((out / "results.json").read_text())
+    def shards(self, phase: int) -> Path:
+        return self.data / f"shards_{SEQ[phase][0]}"
 
     def prepare_data(self) -> None:
         self.sh("generate the synthetic corpus + SQuAD files", [
-            PY, "data_prep/make_corpus.py", "--out", self.data, "--num_docs", str(self.a.num_docs), "--seed", str(self.a.seed),
-            "--squad_train", str(self.a.squad_train), "--squad_dev", str(self.a.squad_dev)])
+            PY, "data_prep/make_corpus.py", "--out", self.data, "--num_docs", self.a.num_docs, "--seed", self.a.seed,
+            "--squad_train", self.a.squad_train, "--squad_dev", self.a.squad_dev])
         corpus = sorted(glob.glob(str(self.data / "corpus" / "*.txt")))
         self.sh("train the WordPiece tokenizer", [
-            PY, "data_prep/build_tokenizer.py", "--input", *corpus, "--vocab_size", str(self.a.vocab_size),
+            PY, "data_prep/build_tokenizer.py", "--input", *corpus, "--vocab_size", self.a.vocab_size,
             "--out", self.data / "tokenizer"])
-        for seq, preds in ((128, 20), (512, 80)):
-            self.sh(f"create seq-{seq} shards", [
+        for phase, (seq, preds) in SEQ.items():
+            # The same documents are held out at both lengths (the choice hashes the document, not the length).
+            self.sh(f"create seq-{seq} shards + held-out set", [
                 PY, "data_prep/create_shards.py", "--input", *corpus, "--tokenizer", self.data / "tokenizer",
-                "--max_seq_length", str(seq), "--max_predictions_per_seq", str(preds), "--dupe_factor",
-                str(self.a.dupe_factor), "--workers", "2", "--seed", str(self.a.seed), "--out", self.data / f"shards_{seq}"])
+                "--max_seq_length", seq, "--max_predictions_per_seq", preds, "--workers", 2, "--seed", self.a.seed,
+                "--heldout_fraction", self.a.heldout_fraction, "--out", self.shards(phase)])
 
-    def recipe(self, name: str, p1_config: str, p2_config: str) -> dict:
-        p1, p2 = self.out / name / "phase1", self.out / name / "phase2"
-        wall = self.pretrain(p1_config, self.data / "shards_128", p1)
-        wall += self.pretrain(p2_config, self.data / "shards_512", p2, ["--phase", "2", "--init_checkpoint", p1])
-        return {"recipe": name, "wall_s": wall, "phase1": summarize(p1 / "metrics.jsonl"),
-                "phase2": summarize(p2 / "metrics.jsonl"), "model_dir": str(p2 / "final")}
+    def pretrain(self, config: str | Path, phase: int, out: Path, extra: list = (), world: int = 2) -> float:
+        deepspeed = str(Path(PY).parent / "deepspeed")  # the launcher of this virtualenv
+        launcher = [deepspeed, "--num_gpus", world, "--master_port", free_port()] if world > 1 else [PY]
+        config = config if Path(config).is_absolute() else ROOT / "ds_configs" / config
+        cmd = [*launcher, "pretrain_bert.py", "--deepspeed_config", config, "--data_dir", self.shards(phase),
+               "--output_dir", out, "--model_config", self.a.model_config, "--seed", self.a.seed,
+               "--dropout", self.a.dropout, "--eval_data", self.shards(phase) / "heldout",
+               "--eval_interval_samples", self.a.eval_interval_samples, "--noise_scale_interval",
+               self.a.noise_scale_interval, *extra]
+        return self.sh(f"pretrain {out.relative_to(self.out)} ({Path(config).name}, {world} ranks)", cmd)
+
+    def recipe(self, r: Recipe) -> Path:
+        p1, p2 = self.out / r.key / "phase1", self.out / r.key / "phase2"
+        self.pretrain(r.phase1, 1, p1)
+        self.pretrain(r.phase2, 2, p2, ["--phase", 2, "--init_checkpoint", p1])
+        return p2 / "final"
+
+    def squad(self, run_dir: Path, model_dir: Path) -> None:
+        a = self.a
+        self.sh(f"SQuAD v1.1 fine-tune + eval, seeds {a.squad_seeds}: {run_dir.name}", [
+            PY, "scripts/run_squad.py", "--model_dir", model_dir, "--train_file", self.data / "squad/train.json",
+            "--predict_file", self.data / "squad/dev.json", "--output_dir", run_dir / "squad",
+            "--epochs", a.squad_epochs, "--batch_size", a.squad_batch_size, "--lr", a.squad_lr,
+            "--max_seq_length", SEQ[2][0], "--doc_stride", a.squad_doc_stride, "--seeds", a.squad_seeds,
+            "--no_progress"])
 
     def main(self) -> None:
         self.prepare_data()
-        runs = [self.recipe("lamb", "demo_lamb_p1.json", "demo_lamb_p2.json"),
-                self.recipe("adamw", "demo_adamw_p1.json", "demo_adamw_p2.json")]
-        scratch = self.out / "scratch"
-        self.pretrain("demo_lamb_p1.json", self.data / "shards_128", scratch, ["--max_steps", "0"], world=1)
-        for run in runs:
-            run["squad"] = self.squad(run["recipe"], Path(run["model_dir"]))
-        runs.append({"recipe": "none", "wall_s": 0.0, "phase1": None, "phase2": None,
-                     "squad": self.squad("no_pretraining", scratch / "final")})
-        table = render_table(runs)
-        (self.out / "results.json").write_text(json.dumps(runs, indent=2))
-        (self.out / "results.md").write_text(table + "\n")
-        print(f"\n=== demo finished in {(time.perf_counter() - self.t0) / 60:.1f} min; results in {self.out}/results.md\n")
-        print(table)
+        if self.a.tune_lr:
+            return self.tune()
+        for r in RECIPES:
+            self.squad(self.out / r.key, self.recipe(r))
+        scratch = self.out / "none"
+        self.pretrain(RECIPES[0].phase2, 2, scratch / "init", ["--max_steps", 0], world=1)  # export a random init
+        self.squad(scratch, scratch / "init" / "final")
+        self.step_no += 1
+        print(f"\n=== [{self.step_no}/{self.total_steps}] compare the runs (scripts/compare_runs.py)", flush=True)
+        dirs = [self.out / r.key for r in RECIPES] + [scratch]
+        runs, table = compare_runs.compare(dirs, [r.name for r in RECIPES] + [RANDOM_INIT], RECIPES[0].name)
+        text = table + "\n\n" + verdict(runs)
+        compare_runs.write_outputs(self.out / "results", runs, text)
+        print(f"\n=== demo finished in {(time.perf_counter() - self.t0) / 60:.1f} min; "
+              f"results in {self.out}/results.md (.json, .png)\n")
+        print(text)
+
+    def tune(self) -> None:
+        """Phase 1 of each recipe at each LR of the grid; the best held-out MLM loss wins.
+        The same number of trials for every optimizer (Nado et al. 2021)."""
+        lines = ["| optimizer | global batch | lr | held-out MLM loss | held-out MLM acc |", "|---|---|---|---|---|"]
+        best = {}
+        for r in RECIPES:
+            base = json.loads((ROOT / "ds_configs" / r.phase1).read_text())
+            base_lr = base["optimizer"]["params"]["lr"]
+            for f in TUNE_FACTORS:
+                cfg = json.loads(json.dumps(base))
+                cfg["optimizer"]["params"]["lr"] = lr = base_lr * f
+                path = self.out / "configs" / f"{r.key}_lr{lr:g}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(cfg, indent=2))
+                out = self.out / r.key / f"lr{lr:g}"
+                self.pretrain(path, 1, out)
+                rows = compare_runs.read_jsonl(out / "metrics.jsonl")
+                last = next(x for x in reversed(rows) if "eval_mlm_loss" in x)
+                lines.append(f"| {base['optimizer']['type']} | {base['train_batch_size']} | {lr:g} "
+                             f"| {last['eval_mlm_loss']:.3f} | {last['eval_mlm_acc']:.3f} |")
+                if r.key not in best or last["eval_mlm_loss"] < best[r.key][1]:
+                    best[r.key] = (lr, last["eval_mlm_loss"])
+        notes = []
+        for r in RECIPES:
+            lr, loss = best[r.key]
+            grid = [f * json.loads((ROOT / "ds_configs" / r.phase1).read_text())["optimizer"]["params"]["lr"]
+                    for f in TUNE_FACTORS]
+            edge = " (on the edge of the grid: extend it)" if lr in (grid[0], grid[-1]) else ""
+            notes.append(f"- {r.name}: best lr {lr:g} (held-out MLM loss {loss:.3f}){edge}")
+        text = "\n".join(lines) + "\n\n" + "\n".join(notes)
+        (self.out / "lr_tuning.md").write_text(text + "\n")
+        print(f"\n=== LR tuning finished in {(time.perf_counter() - self.t0) / 60:.1f} min\n\n{text}")
 
 
-def summarize(metrics_path: Path) -> dict:
-    """Steps, batch and a final MLM loss averaged over the last 10% of the phase's samples
-    (one batch's loss is noisy, and averaging over samples rather than steps compares a
-    large-batch run fairly with a small-batch one)."""
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-    total = rows[-1]["samples"]
-    tail = [r for r in rows if r["samples"] > 0.9 * total] or rows[-1:]
-    weight = sum(r["global_batch_size"] for r in tail)
-    return {
-        "steps": rows[-1]["step"],
-        "global_batch_size": rows[-1]["global_batch_size"],
-        "samples": total,
-        "final_mlm_loss": sum(r["mlm_loss"] * r["global_batch_size"] for r in tail) / weight,
-        "final_mlm_acc": sum(r["mlm_acc"] * r["global_batch_size"] for r in tail) / weight,
-        "peak_lr": max(r["lr"] for r in rows),
-        "seq_per_s": sum(r["global_batch_size"] for r in rows) / sum(r["step_time_s"] for r in rows),
-    }
+def verdict(runs: list[dict]) -> str:
+    """The demo's own questions, answered from the table's figures."""
+    by = {r["name"]: r for r in runs}
+    base, large, none = by[RECIPES[0].name], by[RECIPES[1].name], by[RANDOM_INIT]
+    out = []
+    if base["squad"] and none["squad"]:
+        gap = base["squad"]["f1_mean"] - none["squad"]["f1_mean"]
+        spread = max(base["squad"]["f1_std"], none["squad"]["f1_std"])
+        ok = gap >= 10 and gap > 3 * spread
+        out.append(f"- What pretraining buys: the baseline's mean F1 is {gap:+.1f} points above the random init's; "
+                   f"the larger seed std is {spread:.1f} ({'the gap is' if ok else 'NOT'} >= 10 points and > 3x "
+                   f"that std{'' if ok else ': the gap is not established'}).")
+    if base["eval_mlm_loss"] is not None and large["eval_mlm_loss"] is not None:
+        rel = large["eval_mlm_loss"] / base["eval_mlm_loss"] - 1
+        fewer = sum(base["steps"]) / max(1, sum(large["steps"]))
+        noise = base.get("grad_noise_scale")
+        ratio = large.get("predicted_sample_ratio")
+        theory = (f" The measured gradient noise scale is B_simple ~ {noise:.0f} sequences; at batch "
+                  f"{large['global_batch'][0]} vs {base['global_batch'][0]} McCandlish et al.'s model predicts "
+                  f"{ratio:.2f}x the samples for the same loss, and both got the same samples."
+                  if noise and ratio else "")
+        out.append(f"- Large batch vs baseline: held-out MLM loss {large['eval_mlm_loss']:.3f} vs "
+                   f"{base['eval_mlm_loss']:.3f} ({rel:+.1%}; the paper's target is within 2%) with {fewer:.0f}x fewer "
+                   f"optimizer steps: **{'matched' if rel <= 0.02 else 'not matched'}** at this size.{theory}")
+        if large["squad"] and base["squad"]:
+            out.append(f"- SQuAD F1: {large['squad']['f1_mean']:.1f} ± {large['squad']['f1_std']:.1f} (large batch) vs "
+                       f"{base['squad']['f1_mean']:.1f} ± {base['squad']['f1_std']:.1f} (baseline), "
+                       f"{len(base['squad']['seeds'])} fine-tuning seeds each.")
+    return "\n".join(out)
 
 
-def render_table(runs: list[dict]) -> str:
-    head = ("| pretraining | global batch (ph1/ph2) | optimizer steps (ph1+ph2) | wall time | final MLM loss ph1 / ph2 "
-            "| SQuAD EM | SQuAD F1 |")
-    lines = [head, "|---" * 7 + "|"]
-    for r in runs:
-        if r["phase1"] is None:
-            lines.append(f"| none (random init) | - | 0 | - | - | {r['squad']['exact_match']:.1f} | {r['squad']['f1']:.1f} |")
-            continue
-        p1, p2 = r["phase1"], r["phase2"]
-        name = {"lamb": "LAMB (large batch)", "adamw": "AdamW (small batch)"}.get(r["recipe"], r["recipe"])
-        lines.append(
-            f"| {name} | {p1['global_batch_size']} / {p2['global_batch_size']} | {p1['steps']} + {p2['steps']} "
-            f"= {p1['steps'] + p2['steps']} | {r['wall_s'] / 60:.1f} min | {p1['final_mlm_loss']:.3f} / "
-            f"{p2['final_mlm_loss']:.3f} | {r['squad']['exact_match']:.1f} | {r['squad']['f1']:.1f} |")
-    return "\n".join(lines)
-
-
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--num_docs", type=int, default=2000,
-                   help="corpus size; the demo configs' step counts are sized for ~2 epochs of the default")
+    p.add_argument("--tune_lr", action="store_true",
+                   help="instead of the demo: phase 1 of each recipe at 0.5x/1x/2x its config's lr, held-out loss")
+    p.add_argument("--num_docs", type=int, default=2000, help="corpus size; the demo configs are sized for it")
     p.add_argument("--squad_train", type=int, default=2000)
     p.add_argument("--squad_dev", type=int, default=500)
     p.add_argument("--vocab_size", type=int, default=4096)
-    p.add_argument("--dupe_factor", type=int, default=1)
+    p.add_argument("--heldout_fraction", type=float, default=0.05)
     p.add_argument("--model_config", default="tiny")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="pretraining dropout; 0 because a few thousand steps are far from overfitting")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--squad_epochs", type=float, default=3)
+    p.add_argument("--eval_interval_samples", type=int, default=6400)
+    p.add_argument("--noise_scale_interval", type=int, default=10)
+    p.add_argument("--squad_seeds", default="1,2,3")
+    p.add_argument("--squad_epochs", type=float, default=2)
     p.add_argument("--squad_lr", type=float, default=1e-3)
-    return p.parse_args()
+    p.add_argument("--squad_batch_size", type=int, default=16)
+    p.add_argument("--squad_doc_stride", type=int, default=32)
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

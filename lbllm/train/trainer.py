@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lbllm.data import GlobalBatchSampler, PretrainingDataset
+from lbllm.data.shards import write_json_atomic
 from lbllm.model import PretrainingModel, build_bert_config, build_pretraining_model
 from lbllm.optim import describe_param_groups
 from lbllm.schedules import GradientNoiseScale, sgd_noise_scale
@@ -166,6 +167,20 @@ class Trainer:
             self._log("batch schedule: " + ramp.describe())
         self._log(f"model {run.model_config}: {sum(p.numel() for p in hf_model.parameters()):,} parameters; "
                   + describe_param_groups(opt.param_groups))
+
+        if self.is_main:  # what compare_runs.py and a reader of the run directory need to know
+            run.output_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run.output_dir / "run.json", {
+                "phase": run.phase, "optimizer": s.resolved.optimizer_name, "peak_lr": s.resolved.peak_lr,
+                "global_batch_size": layout.global_batch_size, "micro_batch_size": layout.micro_batch_size,
+                "gradient_accumulation_steps": layout.gradient_accumulation_steps, "world_size": layout.world_size,
+                "zero_stage": s.resolved.zero_stage, "max_steps": s.max_steps, "seq_length": s.dataset.seq_length,
+                "model_config": run.model_config, "parameters": sum(p.numel() for p in hf_model.parameters()),
+                "data_dir": str(run.data_dir), "num_samples": len(s.dataset), "seed": run.seed,
+                "eval_data": None if run.eval_data is None else str(run.eval_data),
+                "deepspeed_config": str(run.deepspeed_config), "init_checkpoint":
+                    None if run.init_checkpoint is None else str(run.init_checkpoint),
+            })
 
         start_step, consumed, sampler_state = 0, 0, None
         if run.resume == "auto" and ckpt.has_checkpoint(run.output_dir):
