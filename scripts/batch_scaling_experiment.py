@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import ROOT, Demo, summarize  # noqa: E402  (scripts/ is not a package)
+from demo import PY, ROOT, Demo, free_port  # noqa: E402  (scripts/ is not a package)
 
 CONFIG_DIR = ROOT / "ds_configs" / "experiment"
 
@@ -191,7 +191,7 @@ class Experiment(Demo):
         ns = argparse.Namespace(out=args.out, model_config=sizes.model_config, seed=args.seed,
                                 num_docs=sizes.num_docs, squad_train=sizes.squad_train, squad_dev=sizes.squad_dev,
                                 vocab_size=sizes.vocab_size, dupe_factor=1, squad_epochs=sizes.squad_epochs,
-                                squad_lr=sizes.squad_lr)
+                                squad_lr=sizes.squad_lr, tune_lr=False)
         super().__init__(ns)
         self.sizes = sizes
         self.preset = args.preset
@@ -271,6 +271,23 @@ class Experiment(Demo):
               f"{self.out}/results.md\n")
         print(table)
 
+    def pretrain(self, config: str, data_dir: Path, out: Path, extra: list[str] = (), world: int = 2) -> float:
+        """One pretraining run of this experiment (config relative to ds_configs/)."""
+        deepspeed = str(Path(PY).parent / "deepspeed")
+        launcher = [deepspeed, "--num_gpus", str(world), "--master_port", str(free_port())] if world > 1 else [PY]
+        cmd = [*launcher, "pretrain_bert.py", "--deepspeed_config", f"ds_configs/{config}", "--data_dir", data_dir,
+               "--output_dir", out, "--model_config", self.a.model_config, "--seed", str(self.a.seed), *extra]
+        return self.sh(f"pretrain {out.relative_to(self.out)} ({Path(config).name}, {world} ranks)", cmd)
+
+    def squad(self, name: str, model_dir: Path) -> dict:
+        out = self.out / "squad" / name
+        self.sh(f"SQuAD v1.1 fine-tune + eval: {name}", [
+            PY, "scripts/run_squad.py", "--model_dir", model_dir, "--train_file", self.data / "squad/train.json",
+            "--predict_file", self.data / "squad/dev.json", "--output_dir", out, "--epochs", str(self.a.squad_epochs),
+            "--batch_size", "16", "--lr", str(self.a.squad_lr), "--max_seq_length", "192", "--doc_stride", "64",
+            "--seeds", str(self.a.seed), "--no_progress"])
+        return json.loads((out / "results.json").read_text())
+
     def run_squad(self, key: str, model_dir: Path) -> dict | None:
         """Fine-tune + evaluate (Demo.squad); reuses a result newer than the model it scored."""
         result = self.out / "squad" / f"run_{key}" / "results.json"
@@ -305,6 +322,25 @@ class Experiment(Demo):
             r["summary"]["b_simple_end"] = next((x["grad_noise_scale"] for x in reversed(rows)
                                                  if x.get("grad_noise_scale") is not None), None)
         return r
+
+
+def summarize(metrics_path: Path) -> dict:
+    """Steps, batch and a final training-batch MLM loss averaged over the last 10% of the
+    run's samples (weighted by batch). Training-batch figures: the study of issue 12
+    replaces them with the held-out evaluation."""
+    rows = read_rows(metrics_path)
+    total = rows[-1]["samples"]
+    tail = [r for r in rows if r["samples"] > 0.9 * total] or rows[-1:]
+    weight = sum(r["global_batch_size"] for r in tail)
+    return {
+        "steps": rows[-1]["step"],
+        "global_batch_size": rows[-1]["global_batch_size"],
+        "samples": total,
+        "final_mlm_loss": sum(r["mlm_loss"] * r["global_batch_size"] for r in tail) / weight,
+        "final_mlm_acc": sum(r["mlm_acc"] * r["global_batch_size"] for r in tail) / weight,
+        "peak_lr": max(r["lr"] for r in rows),
+        "seq_per_s": sum(r["global_batch_size"] for r in rows) / sum(r["step_time_s"] for r in rows),
+    }
 
 
 def read_rows(path: Path) -> list[dict]:

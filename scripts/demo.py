@@ -65,7 +65,7 @@ class Demo:
         self.out = Path(args.out).resolve()
         self.data = self.out / "data"
         self.step_no = 0
-        self.total_steps = (4 + 2 * len(RECIPES) * len(TUNE_FACTORS) if args.tune_lr
+        self.total_steps = (4 + len(RECIPES) * len(TUNE_FACTORS) if args.tune_lr
                             else 4 + 2 * len(RECIPES) + 1 + len(RECIPES) + 1 + 1)
         self.t0 = time.perf_counter()
 
