@@ -11,8 +11,8 @@ A RUN_DIR is a `pretrain_bert.py --output_dir` (one phase), a directory holding
 The figures compared are the held-out ones (`--eval_data`: fixed sequences, fixed
 masks), taken at the end of the last phase; the curves are held-out MLM loss vs samples
 and vs optimizer steps. Next to each row: the last measured gradient noise scale B_simple
-(`--noise_scale_interval`) and, against the baseline row (default: the first with a
-measured B_simple), the sample ratio McCandlish et al.'s model predicts for reaching the
+(`--noise_scale_interval`) per phase and, against the baseline row (default: the first
+with a measured phase-1 B_simple), using its phase-1 batch and B_simple, the sample ratio McCandlish et al.'s model predicts for reaching the
 same loss at its batch, E(B)/E(b) = (1 + B/B_noise) / (1 + b/B_noise).
 
 The LAMB paper's BERT-Large rows (You et al. 2020, Table 1) are printed as reference rows,
@@ -70,7 +70,7 @@ def load_run(run_dir: Path, name: str | None = None) -> dict[str, Any]:
         raise UsageError(f"{run_dir}: no metrics.jsonl, phase*/metrics.jsonl or squad/results.json there")
     run: dict[str, Any] = {"name": name or run_dir.name, "dir": str(run_dir), "optimizer": None, "global_batch": [],
                            "steps": [], "samples": [], "eval_mlm_loss": None, "eval_mlm_acc": None,
-                           "grad_noise_scale": None, "curve": [], "squad": None}
+                           "grad_noise_scale": None, "grad_noise_scale_phases": [], "curve": [], "squad": None}
     samples_before = steps_before = 0
     for d in phases:
         rows = read_jsonl(d / "metrics.jsonl")
@@ -91,6 +91,7 @@ def load_run(run_dir: Path, name: str | None = None) -> dict[str, Any]:
         if evals:
             run["eval_mlm_loss"], run["eval_mlm_acc"] = evals[-1]["eval_mlm_loss"], evals[-1]["eval_mlm_acc"]
         noise = [r["grad_noise_scale"] for r in rows if r.get("grad_noise_scale") is not None]
+        run["grad_noise_scale_phases"].append(noise[-1] if noise else None)
         if noise:
             run["grad_noise_scale"] = noise[-1]
         samples_before += rows[-1]["samples"]
@@ -112,18 +113,18 @@ def predicted_sample_ratio(batch: float, base_batch: float, b_noise: float) -> f
 
 def add_predictions(runs: list[dict], baseline: str | None) -> dict | None:
     """Fill `predicted_sample_ratio` of each pretrained row against the baseline's phase-1
-    batch and B_simple; returns the baseline row."""
+    batch and phase-1 B_simple (phase 1 holds most of the samples); returns the baseline row."""
     pretrained = [r for r in runs if r["steps"]]
     if baseline is not None:
         base = next((r for r in runs if r["name"] == baseline), None)
         if base is None:
             raise UsageError(f"--baseline {baseline}: no run of that name ({', '.join(r['name'] for r in runs)})")
     else:
-        base = next((r for r in pretrained if r["grad_noise_scale"]), pretrained[0] if pretrained else None)
+        base = next((r for r in pretrained if r["grad_noise_scale_phases"][0]), pretrained[0] if pretrained else None)
     if base is None:
         return None
     for r in pretrained:
-        b_noise = base["grad_noise_scale"]
+        b_noise = base["grad_noise_scale_phases"][0] if base["grad_noise_scale_phases"] else None
         ok = b_noise and isinstance(r["global_batch"][0], int) and isinstance(base["global_batch"][0], int)
         r["predicted_sample_ratio"] = (predicted_sample_ratio(r["global_batch"][0], base["global_batch"][0], b_noise)
                                        if ok else None)
@@ -143,7 +144,7 @@ def _squad(q: dict | None) -> tuple[str, str, str]:
 
 def render_table(runs: list[dict], base: dict | None) -> str:
     head = ("| pretraining | optimizer | global batch (per phase) | optimizer steps (per phase) | samples "
-            "| held-out MLM loss | held-out MLM acc | B_simple (last) | predicted E(B)/E(b) | SQuAD EM | SQuAD F1 "
+            "| held-out MLM loss | held-out MLM acc | B_simple (per phase, last measured) | predicted E(B)/E(b) | SQuAD EM | SQuAD F1 "
             "| seeds |")
     lines = [head, "|---" * 12 + "|"]
     for r in runs:
@@ -156,7 +157,8 @@ def render_table(runs: list[dict], base: dict | None) -> str:
         lines.append(
             f"| {r['name']} | {r['optimizer'] or '-'} | {' / '.join(map(str, r['global_batch']))} "
             f"| {' + '.join(map(str, r['steps']))} = {sum(r['steps'])} | {sum(r['samples']):,} "
-            f"| {_f(r['eval_mlm_loss'], '.3f')} | {_f(r['eval_mlm_acc'], '.3f')} | {_f(r['grad_noise_scale'], '.0f')} "
+            f"| {_f(r['eval_mlm_loss'], '.3f')} | {_f(r['eval_mlm_acc'], '.3f')} "
+            f"| {' / '.join(_f(b, '.0f') for b in r['grad_noise_scale_phases'])} "
             f"| {ratio_text} | {em} | {f1} | {seeds} |")
     for p in PAPER_ROWS:
         lines.append(f"| *{p['name']} (reference, not this run)* | {p['optimizer']} "

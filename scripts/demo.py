@@ -193,9 +193,9 @@ def verdict(runs: list[dict]) -> str:
     if base["eval_mlm_loss"] is not None and large["eval_mlm_loss"] is not None:
         rel = large["eval_mlm_loss"] / base["eval_mlm_loss"] - 1
         fewer = sum(base["steps"]) / max(1, sum(large["steps"]))
-        noise = base.get("grad_noise_scale")
+        noise = base["grad_noise_scale_phases"][0]
         ratio = large.get("predicted_sample_ratio")
-        theory = (f" The measured gradient noise scale is B_simple ~ {noise:.0f} sequences; at batch "
+        theory = (f" The baseline's phase-1 gradient noise scale is B_simple ~ {noise:.0f} sequences; at batch "
                   f"{large['global_batch'][0]} vs {base['global_batch'][0]} McCandlish et al.'s model predicts "
                   f"{ratio:.2f}x the samples for the same loss, and both got the same samples."
                   if noise and ratio else "")

@@ -48,7 +48,7 @@ def write_squad(d: Path, f1s):
 @pytest.fixture
 def runs_dir(tmp_path):
     write_phase(tmp_path / "small" / "phase1", 32, 16, {8: 4.0, 16: 3.0}, noise=64.0)
-    write_phase(tmp_path / "small" / "phase2", 16, 4, {4: 2.5})
+    write_phase(tmp_path / "small" / "phase2", 16, 4, {4: 2.5}, noise=8.0)
     write_squad(tmp_path / "small", [40.0, 44.0, 42.0])
     write_phase(tmp_path / "large" / "phase1", 256, 2, {2: 3.5}, noise=20.0, optimizer="LAMB")
     write_phase(tmp_path / "large" / "phase2", 128, 1, {1: 2.75}, optimizer="LAMB")
@@ -64,7 +64,7 @@ def test_table_rows_use_the_last_heldout_eval_and_seed_spread(runs_dir):
     small, large, none = runs
     assert small["eval_mlm_loss"] == 2.5 and large["eval_mlm_loss"] == 2.75  # last phase's last evaluation
     assert small["global_batch"] == [32, 16] and small["steps"] == [16, 4] and small["samples"] == [512, 64]
-    assert large["optimizer"] == "LAMB" and small["grad_noise_scale"] == 64.0
+    assert large["optimizer"] == "LAMB" and small["grad_noise_scale_phases"] == [64.0, 8.0] and small["grad_noise_scale"] == 8.0
     # curve over both phases: samples and steps continue across the phase boundary
     assert [(c["samples"], c["steps"]) for c in small["curve"]] == [(256, 8), (512, 16), (576, 20)]
     # McCandlish et al.: E(256)/E(32) with B_noise 64 = (1 + 4) / (1 + 0.5)
