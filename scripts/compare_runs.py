@@ -135,6 +135,10 @@ def _f(value: Any, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _steps(steps: list[int]) -> str:
+    return f"{steps[0]:,}" if len(steps) == 1 else f"{' + '.join(f'{s:,}' for s in steps)} = {sum(steps):,}"
+
+
 def _squad(q: dict | None) -> tuple[str, str, str]:
     if not q:
         return "-", "-", "-"
@@ -156,14 +160,14 @@ def render_table(runs: list[dict], base: dict | None) -> str:
         ratio_text = "1 (baseline)" if r is base else _f(ratio, ".2f")
         lines.append(
             f"| {r['name']} | {r['optimizer'] or '-'} | {' / '.join(map(str, r['global_batch']))} "
-            f"| {' + '.join(map(str, r['steps']))} = {sum(r['steps'])} | {sum(r['samples']):,} "
+            f"| {_steps(r['steps'])} | {sum(r['samples']):,} "
             f"| {_f(r['eval_mlm_loss'], '.3f')} | {_f(r['eval_mlm_acc'], '.3f')} "
             f"| {' / '.join(_f(b, '.0f') for b in r['grad_noise_scale_phases'])} "
             f"| {ratio_text} | {em} | {f1} | {seeds} |")
     for p in PAPER_ROWS:
         lines.append(f"| *{p['name']} (reference, not this run)* | {p['optimizer']} "
-                     f"| {' / '.join(map(str, p['global_batch']))} | {' + '.join(map(str, p['steps']))} = "
-                     f"{sum(p['steps']):,} | - | - | - | - | - | - | {p['f1']:.3f} | - |")
+                     f"| {' / '.join(map(str, p['global_batch']))} | {_steps(p['steps'])} "
+                     f"| - | - | - | - | - | - | {p['f1']:.3f} | - |")
     return "\n".join(lines)
 
 
