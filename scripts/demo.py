@@ -99,7 +99,8 @@ class Demo:
                 "--max_seq_length", seq, "--max_predictions_per_seq", preds, "--workers", 2, "--seed", self.a.seed,
                 "--heldout_fraction", self.a.heldout_fraction, "--out", self.shards(phase)])
 
-    def pretrain(self, config: str | Path, phase: int, out: Path, extra: list = (), world: int = 2) -> float:
+    def pretrain(self, config: str | Path, phase: int, out: Path, extra: list = (), world: int | None = None) -> float:
+        world = self.a.world if world is None else world
         deepspeed = str(Path(PY).parent / "deepspeed")  # the launcher of this virtualenv
         launcher = [deepspeed, "--num_gpus", world, "--master_port", free_port()] if world > 1 else [PY]
         config = config if Path(config).is_absolute() else ROOT / "ds_configs" / config
@@ -215,18 +216,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune_lr", action="store_true",
                    help="instead of the demo: phase 1 of each recipe at 0.5x/1x/2x its config's lr, held-out loss")
     p.add_argument("--num_docs", type=int, default=2000, help="corpus size; the demo configs are sized for it")
-    p.add_argument("--squad_train", type=int, default=2000)
+    p.add_argument("--squad_train", type=int, default=1500)
     p.add_argument("--squad_dev", type=int, default=500)
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--heldout_fraction", type=float, default=0.05)
     p.add_argument("--model_config", default="tiny")
+    p.add_argument("--world", type=int, default=1,
+                   help="DeepSpeed ranks per pretraining run (2+: the deepspeed launcher; the math is the same, "
+                        "and on 2 cores one rank is faster for a model this small)")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="pretraining dropout; 0 because a few thousand steps are far from overfitting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_interval_samples", type=int, default=6400)
     p.add_argument("--noise_scale_interval", type=int, default=10)
     p.add_argument("--squad_seeds", default="1,2,3")
-    p.add_argument("--squad_epochs", type=float, default=2)
+    p.add_argument("--squad_epochs", type=float, default=3)
     p.add_argument("--squad_lr", type=float, default=1e-3)
     p.add_argument("--squad_batch_size", type=int, default=16)
     p.add_argument("--squad_doc_stride", type=int, default=32)
