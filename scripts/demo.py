@@ -149,13 +149,13 @@ class Demo:
         """Phase 1 of each recipe at each LR of the grid; the best held-out MLM loss wins.
         The same number of trials for every optimizer (Nado et al. 2021)."""
         lines = ["| optimizer | global batch | lr | held-out MLM loss | held-out MLM acc |", "|---|---|---|---|---|"]
-        best = {}
+        best, grids = {}, {}
         for r in RECIPES:
             base = json.loads((ROOT / "ds_configs" / r.phase1).read_text())
-            base_lr = base["optimizer"]["params"]["lr"]
-            for f in TUNE_FACTORS:
+            grids[r.key] = [base["optimizer"]["params"]["lr"] * f for f in TUNE_FACTORS]
+            for lr in grids[r.key]:
                 cfg = json.loads(json.dumps(base))
-                cfg["optimizer"]["params"]["lr"] = lr = base_lr * f
+                cfg["optimizer"]["params"]["lr"] = lr
                 path = self.out / "configs" / f"{r.key}_lr{lr:g}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(cfg, indent=2))
@@ -170,9 +170,7 @@ class Demo:
         notes = []
         for r in RECIPES:
             lr, loss = best[r.key]
-            grid = [f * json.loads((ROOT / "ds_configs" / r.phase1).read_text())["optimizer"]["params"]["lr"]
-                    for f in TUNE_FACTORS]
-            edge = " (on the edge of the grid: extend it)" if lr in (grid[0], grid[-1]) else ""
+            edge = " (on the edge of the grid: extend it)" if lr in (grids[r.key][0], grids[r.key][-1]) else ""
             notes.append(f"- {r.name}: best lr {lr:g} (held-out MLM loss {loss:.3f}){edge}")
         text = "\n".join(lines) + "\n\n" + "\n".join(notes)
         (self.out / "lr_tuning.md").write_text(text + "\n")

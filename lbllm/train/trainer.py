@@ -165,7 +165,8 @@ class Trainer:
             self._log("LR scaling: " + s.resolved.lr_scaling.describe(layout.global_batch_size))
         if ramp is not None:
             self._log("batch schedule: " + ramp.describe())
-        self._log(f"model {run.model_config}: {sum(p.numel() for p in hf_model.parameters()):,} parameters; "
+        n_params = sum(p.numel() for p in hf_model.parameters())
+        self._log(f"model {run.model_config}: {n_params:,} parameters; "
                   + describe_param_groups(opt.param_groups))
 
         if self.is_main:  # what compare_runs.py and a reader of the run directory need to know
@@ -175,7 +176,7 @@ class Trainer:
                 "global_batch_size": layout.global_batch_size, "micro_batch_size": layout.micro_batch_size,
                 "gradient_accumulation_steps": layout.gradient_accumulation_steps, "world_size": layout.world_size,
                 "zero_stage": s.resolved.zero_stage, "max_steps": s.max_steps, "seq_length": s.dataset.seq_length,
-                "model_config": run.model_config, "parameters": sum(p.numel() for p in hf_model.parameters()),
+                "model_config": run.model_config, "parameters": n_params,
                 "data_dir": str(run.data_dir), "num_samples": len(s.dataset), "seed": run.seed,
                 "eval_data": None if run.eval_data is None else str(run.eval_data),
                 "deepspeed_config": str(run.deepspeed_config), "init_checkpoint":
