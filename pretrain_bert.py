@@ -47,9 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lbllm.train.config import ConfigError, RunConfig
+    from lbllm.train.config import RunConfig
     from lbllm.train.trainer import Trainer, prepare
     from lbllm.train.engine import ensure_distributed_env
+    from lbllm.utils import UserError
 
     try:
         run = RunConfig(
@@ -63,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         ensure_distributed_env()
         setup = prepare(run)
-    except (ValueError, OSError) as exc:  # every validation error is a ValueError subclass
+    except (UserError, OSError) as exc:  # everything a user can fix is a UserError
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pretrain_bert.py: error: {exc}", file=sys.stderr)
         return 2
     try:
         Trainer(setup).train()
-    except ConfigError as exc:  # e.g. a checkpoint that does not fit this run
+    except UserError as exc:  # e.g. a checkpoint that does not fit this run
         print(f"pretrain_bert.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -81,7 +81,7 @@ def save_tokenizer(tok, cfg: TokenizerConfig, out: Path) -> None:
     """Save via transformers into a temporary sibling, then move it into place."""
     from transformers import BertTokenizerFast
 
-    from lbllm.data.shards import make_temp_dir, publish_directory
+    from lbllm.utils import make_temp_dir, publish_directory
 
     hf = BertTokenizerFast(
         tokenizer_object=tok,

@@ -69,16 +69,14 @@ from lbllm.data.samples import (
     num_to_predict,
     unit_to_samples,
 )
+from lbllm.utils import UserError, make_temp_dir, publish_directory, write_json_atomic
 from lbllm.data.shards import (
     FORMAT_VERSION,
     HELDOUT_DIR,
     MANIFEST_NAME,
     ShardWriter,
-    make_temp_dir,
-    publish_directory,
     shard_fields,
     tokenizer_fingerprint,
-    write_json_atomic,
 )
 
 # NSP "random next" fraction this far from the asked-for probability gets a warning:
@@ -86,10 +84,6 @@ from lbllm.data.shards import (
 # headings) or units with a single document (no random partner).
 NSP_WARN_TOLERANCE = 0.05
 NSP_WARN_MIN_SAMPLES = 1000  # below this the fraction's own noise (sd ~0.016 at 1000) is too large
-
-
-class UsageError(ValueError):
-    """Bad command-line input: reported as one line, exit status 2, nothing written."""
 
 
 @dataclass(frozen=True)
@@ -115,19 +109,19 @@ class ShardJob:
 
     def __post_init__(self) -> None:
         if self.seed < 0:
-            raise UsageError(f"--seed {self.seed}: must be >= 0")
+            raise UserError(f"--seed {self.seed}: must be >= 0")
         if self.samples_per_shard < 1:
-            raise UsageError(f"--samples_per_shard {self.samples_per_shard}: must be >= 1")
+            raise UserError(f"--samples_per_shard {self.samples_per_shard}: must be >= 1")
         if self.unit_mb <= 0:
-            raise UsageError(f"--unit_mb {self.unit_mb}: must be > 0")
+            raise UserError(f"--unit_mb {self.unit_mb}: must be > 0")
         if self.workers < 1:
-            raise UsageError(f"--workers {self.workers}: must be >= 1")
+            raise UserError(f"--workers {self.workers}: must be >= 1")
         if not self.inputs and not self.hf_dataset:
-            raise UsageError("--input or --hf_dataset: give at least one source of text")
+            raise UserError("--input or --hf_dataset: give at least one source of text")
         if not 0.0 <= self.heldout_fraction <= 0.5:
-            raise UsageError(f"--heldout_fraction {self.heldout_fraction}: must be in [0, 0.5]")
+            raise UserError(f"--heldout_fraction {self.heldout_fraction}: must be in [0, 0.5]")
         if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
-            raise UsageError(f"--part {self.part} of --num_parts {self.num_parts}: need 0 <= part < num_parts")
+            raise UserError(f"--part {self.part} of --num_parts {self.num_parts}: need 0 <= part < num_parts")
 
     @property
     def unit_bytes(self) -> int:
@@ -160,7 +154,7 @@ def load_tokenizer(tokenizer_dir: Path) -> TokenizerInfo:
     tok_json = tokenizer_dir / "tokenizer.json"
     config_path = tokenizer_dir / "tokenizer_config.json"
     if not tok_json.is_file() and not config_path.is_file():
-        raise UsageError(f"--tokenizer {tokenizer_dir}: no tokenizer there (build one with data_prep/build_tokenizer.py)")
+        raise UserError(f"--tokenizer {tokenizer_dir}: no tokenizer there (build one with data_prep/build_tokenizer.py)")
     try:
         if tok_json.is_file():
             from tokenizers import Tokenizer
@@ -175,17 +169,17 @@ def load_tokenizer(tokenizer_dir: Path) -> TokenizerInfo:
 
             hf = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
             if not getattr(hf, "is_fast", False):
-                raise UsageError(f"--tokenizer {tokenizer_dir}: needs a fast (tokenizer.json) tokenizer")
+                raise UserError(f"--tokenizer {tokenizer_dir}: needs a fast (tokenizer.json) tokenizer")
             backend = hf.backend_tokenizer
             ids = {k: getattr(hf, f"{k}_token_id") for k in ("pad", "cls", "sep", "mask", "unk")}
             special = set(hf.all_special_ids)
-    except UsageError:
+    except UserError:
         raise
     except Exception as e:  # tokenizers/transformers raise many types for a broken directory
-        raise UsageError(f"--tokenizer {tokenizer_dir}: cannot load it ({type(e).__name__}: {e})") from e
+        raise UserError(f"--tokenizer {tokenizer_dir}: cannot load it ({type(e).__name__}: {e})") from e
     missing = [k for k in ("pad", "cls", "sep", "mask") if ids[k] is None]
     if missing:
-        raise UsageError(f"--tokenizer {tokenizer_dir}: has no {', '.join(missing)} token")
+        raise UserError(f"--tokenizer {tokenizer_dir}: has no {', '.join(missing)} token")
     vocab_map = backend.get_vocab(with_added_tokens=True)
     tokens = [""] * (max(vocab_map.values()) + 1)
     for token, i in vocab_map.items():
@@ -249,7 +243,7 @@ class Plan:
 
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
-        raise UsageError(f"--out {out}: exists and is not a shard directory (no {MANIFEST_NAME}); choose another path")
+        raise UserError(f"--out {out}: exists and is not a shard directory (no {MANIFEST_NAME}); choose another path")
 
 
 def part_range(units: Sequence[TextUnit], num_parts: int, part: int) -> tuple[int, int]:
@@ -268,12 +262,12 @@ def prepare(job: ShardJob) -> Plan:
     try:
         sources = file_sources(job.inputs, job.input_format) if job.inputs else []
         if job.inputs and not sources:
-            raise UsageError(f"--input {' '.join(job.inputs)}: no files match")
+            raise UserError(f"--input {' '.join(job.inputs)}: no files match")
         if job.hf_dataset:
             sources.append(Source("hf", job.hf_dataset, job.hf_config, job.hf_split))
         tok_dir = Path(job.tokenizer)
         if not tok_dir.is_dir():
-            raise UsageError(
+            raise UserError(
                 f"--tokenizer {tok_dir}: directory not found (build one with data_prep/build_tokenizer.py)"
             )
         _check_out(Path(job.out))
@@ -283,10 +277,10 @@ def prepare(job: ShardJob) -> Plan:
         units = plan_units(sources, job.unit_bytes, job.read)
         if not units:
             where = " ".join(job.inputs) or job.hf_dataset
-            raise UsageError(f"--input {where}: the input is empty (no bytes or rows of text)")
+            raise UserError(f"--input {where}: the input is empty (no bytes or rows of text)")
         sha = plan_sha256(sources, units, job.unit_bytes, job.read)
     except InputError as e:
-        raise UsageError(str(e)) from e
+        raise UserError(str(e)) from e
     first, end = part_range(units, job.num_parts, job.part)
     return Plan(tuple(sources), info, units, first, end, sha)
 
@@ -420,7 +414,7 @@ def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
         shards = train.writer.close()
         heldout_shards = held.writer.close() if held is not None else None
     except InputError as e:
-        raise UsageError(str(e)) from e
+        raise UserError(str(e)) from e
     finally:
         progress.close()
         if pool is not None:
@@ -428,7 +422,7 @@ def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
     samples = train.samples
     if samples == 0 and job.num_parts == 1:
         where = " ".join(job.inputs) or job.hf_dataset
-        raise UsageError(f"--input {where}: no samples (the text has no tokens)")
+        raise UserError(f"--input {where}: no samples (the text has no tokens)")
     manifest = {
         "format_version": FORMAT_VERSION,
         "num_samples": samples,
@@ -462,7 +456,7 @@ def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
         manifest["part"] = {"index": job.part, "num_parts": job.num_parts, "units": [plan.first, plan.end]}
     if held is not None:
         if held.samples == 0 and job.num_parts == 1:
-            raise UsageError(f"--heldout_fraction {job.heldout_fraction}: no document was held out of "
+            raise UserError(f"--heldout_fraction {job.heldout_fraction}: no document was held out of "
                              f"{stats.documents}; raise the fraction or give more documents")
         held_manifest = {
             **manifest,
@@ -558,7 +552,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ShardJob:
         )
         read = ReadOptions(text_field=a.text_field, headings=a.headings, on_bad_record=a.on_bad_record)
     except ValueError as e:
-        raise UsageError(f"--{e}") from e
+        raise UserError(f"--{e}") from e
     return ShardJob(
         inputs=tuple(a.input), tokenizer=a.tokenizer, out=a.out, samples=samples, seed=a.seed,
         samples_per_shard=a.samples_per_shard, unit_mb=a.unit_mb, input_format=a.input_format, read=read,
@@ -571,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job = parse_args(argv)
         manifest = run(job)
-    except UsageError as e:
+    except UserError as e:
         print(f"create_shards: {e}", file=sys.stderr)
         return 2
     s = manifest["stats"]

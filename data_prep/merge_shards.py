@@ -33,17 +33,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from lbllm.utils import UserError, make_temp_dir, publish_directory, write_json_atomic
 from lbllm.data.shards import (
     HELDOUT_DIR,
     MANIFEST_NAME,
     DataError,
     check_npy_header,
-    make_temp_dir,
-    publish_directory,
     read_manifest,
     sha256_file,
     shard_file_name,
-    write_json_atomic,
 )
 
 # What defines a sample: every set being merged must agree.
@@ -59,17 +57,13 @@ PART_KEYS = SAMPLE_KEYS + (
 MODES = ("link", "move", "copy")
 
 
-class UsageError(ValueError):
-    """Bad command-line input: reported as one line, exit status 2, nothing written."""
-
-
 def _expand(patterns: Sequence[str]) -> list[Path]:
     dirs: list[Path] = []
     for pattern in patterns:
         matches = [Path(pattern)] if Path(pattern).is_dir() else sorted(Path(p) for p in glob.glob(pattern))
         matches = [m for m in matches if m.is_dir() and ".tmp-" not in m.name and ".old-" not in m.name]
         if not matches:
-            raise UsageError(f"--parts {pattern}: no shard directory matches")
+            raise UserError(f"--parts {pattern}: no shard directory matches")
         dirs.extend(m for m in matches if m.resolve() not in {d.resolve() for d in dirs})
     return dirs
 
@@ -79,11 +73,11 @@ def load_parts(dirs: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
     try:
         parts = [(d, read_manifest(d)) for d in dirs]
     except DataError as e:
-        raise UsageError(str(e)) from e
+        raise UserError(str(e)) from e
     with_part = [m.get("part") is not None for _, m in parts]
     if any(with_part) and not all(with_part):
         odd = next(d for (d, _), w in zip(parts, with_part) if not w)
-        raise UsageError(f"{odd}: not a --num_parts part, but other --parts are; merge parts of one plan only")
+        raise UserError(f"{odd}: not a --num_parts part, but other --parts are; merge parts of one plan only")
     keys = SAMPLE_KEYS
     if all(with_part):
         keys = PART_KEYS
@@ -91,22 +85,22 @@ def load_parts(dirs: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
         num_parts = parts[0][1]["part"]["num_parts"]
         for d, m in parts:
             if m["part"]["num_parts"] != num_parts:
-                raise UsageError(f"{d}: part of {m['part']['num_parts']} parts, {parts[0][0]} of {num_parts}; "
+                raise UserError(f"{d}: part of {m['part']['num_parts']} parts, {parts[0][0]} of {num_parts}; "
                                  "merge the parts of one plan")
         indices = [m["part"]["index"] for _, m in parts]
         if len(set(indices)) != len(indices):
             dup = next(i for i in indices if indices.count(i) > 1)
             twice = ", ".join(str(d) for d, m in parts if m["part"]["index"] == dup)
-            raise UsageError(f"--parts: part {dup} given twice ({twice}); pass each part once")
+            raise UserError(f"--parts: part {dup} given twice ({twice}); pass each part once")
         missing = sorted(set(range(num_parts)) - set(indices))
         if missing:
-            raise UsageError(f"--parts: missing part(s) {', '.join(map(str, missing))} of {num_parts}; "
+            raise UserError(f"--parts: missing part(s) {', '.join(map(str, missing))} of {num_parts}; "
                              "prepare them with create_shards.py --num_parts/--part")
     first_dir, first = parts[0]
     for d, m in parts[1:]:
         for key in keys:
             if m.get(key) != first.get(key):
-                raise UsageError(f"{d}: {key} is {_short(m.get(key))}, {first_dir} has {_short(first.get(key))}; "
+                raise UserError(f"{d}: {key} is {_short(m.get(key))}, {first_dir} has {_short(first.get(key))}; "
                                  "sets to merge must be prepared with the same settings and tokenizer")
     return parts
 
@@ -140,28 +134,28 @@ def _place(src: Path, dst: Path, mode: str, out: Path) -> None:
     try:
         os.link(src, dst)
     except OSError as e:
-        raise UsageError(f"{src}: cannot hard-link it into {out} ({e.strerror}); put --out on the same file system "
+        raise UserError(f"{src}: cannot hard-link it into {out} ({e.strerror}); put --out on the same file system "
                          "as the parts, or pass --mode copy") from e
 
 
 def merge(dirs: Sequence[Path], out: Path, mode: str = "link", verify: bool = False) -> dict[str, Any]:
     """Write the merged set to ``out`` (atomically). Returns its manifest."""
     if mode not in MODES:
-        raise UsageError(f"--mode {mode}: must be one of {', '.join(MODES)}")
+        raise UserError(f"--mode {mode}: must be one of {', '.join(MODES)}")
     parts = load_parts(dirs)
     resolved = out.resolve()
     for d, _ in parts:
         if resolved == d.resolve() or d.resolve() in resolved.parents:
-            raise UsageError(f"--out {out}: is (inside) the part {d}; choose a directory next to the parts")
+            raise UserError(f"--out {out}: is (inside) the part {d}; choose a directory next to the parts")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
-        raise UsageError(f"--out {out}: exists and is not a shard directory (no {MANIFEST_NAME}); choose another path")
+        raise UserError(f"--out {out}: exists and is not a shard directory (no {MANIFEST_NAME}); choose another path")
     manifests = [m for _, m in parts]
     if sum(int(m["num_samples"]) for m in manifests) == 0:
-        raise UsageError("--parts: together they hold no samples")
+        raise UserError("--parts: together they hold no samples")
     with_heldout = [m.get("heldout") is not None for m in manifests]
     if any(with_heldout) and not all(with_heldout):
         odd = next(d for (d, _), w in zip(parts, with_heldout) if not w)
-        raise UsageError(f"{odd}: has no {HELDOUT_DIR}/ set but other --parts do; prepare all with the same "
+        raise UserError(f"{odd}: has no {HELDOUT_DIR}/ set but other --parts do; prepare all with the same "
                          "--heldout_fraction")
     heldout_parts = load_parts([d / m["heldout"]["dir"] for d, m in parts]) if all(with_heldout) else None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,14 +196,14 @@ def _write_merged(parts: Sequence[tuple[Path, dict[str, Any]]], tmp: Path, mode:
             for name, info in record["files"].items():
                 src = d / info["file"]
                 if not src.is_file() or src.stat().st_size != info["bytes"]:
-                    raise UsageError(f"{src}: missing or not {info['bytes']} bytes as its manifest says; "
+                    raise UserError(f"{src}: missing or not {info['bytes']} bytes as its manifest says; "
                                      "prepare that part again")
                 try:
                     check_npy_header(src, info)
                 except DataError as e:
-                    raise UsageError(str(e)) from e
+                    raise UserError(str(e)) from e
                 if verify and sha256_file(src) != info["sha256"]:
-                    raise UsageError(
+                    raise UserError(
                         f"{src}: SHA-256 does not match its manifest (corrupt); prepare that part again"
                     )
                 dst = tmp / shard_file_name(len(shards), name)
@@ -243,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         merged = merge(_expand(a.parts), Path(a.out), a.mode, a.verify)
-    except UsageError as e:
+    except UserError as e:
         print(f"merge_shards: {e}", file=sys.stderr)
         return 2
     print(f"merge_shards: {merged['num_samples']} samples in {len(merged['shards'])} shard(s) from "

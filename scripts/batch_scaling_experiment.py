@@ -48,7 +48,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import PY, ROOT, Demo, free_port  # noqa: E402  (scripts/ is not a package)
+from demo import PY, ROOT, Demo  # noqa: E402  (scripts/ is not a package)
+
+from lbllm.utils import free_port, read_jsonl  # noqa: E402
 
 CONFIG_DIR = ROOT / "ds_configs" / "experiment"
 
@@ -315,7 +317,7 @@ class Experiment(Demo):
              "model_dir": str(out / "final"), "error": error, "summary": None}
         metrics = out / "metrics.jsonl"
         if metrics.is_file() and metrics.stat().st_size:
-            rows = read_rows(metrics)
+            rows = read_jsonl(metrics)
             r["summary"] = summarize(metrics)
             r["summary"]["train_loop_s"] = sum(x["step_time_s"] for x in rows)
             r["summary"]["batches"] = sorted({x["global_batch_size"] for x in rows})
@@ -328,7 +330,7 @@ def summarize(metrics_path: Path) -> dict:
     """Steps, batch and a final training-batch MLM loss averaged over the last 10% of the
     run's samples (weighted by batch). Training-batch figures: the study of issue 12
     replaces them with the held-out evaluation."""
-    rows = read_rows(metrics_path)
+    rows = read_jsonl(metrics_path)
     total = rows[-1]["samples"]
     tail = [r for r in rows if r["samples"] > 0.9 * total] or rows[-1:]
     weight = sum(r["global_batch_size"] for r in tail)
@@ -341,10 +343,6 @@ def summarize(metrics_path: Path) -> dict:
         "peak_lr": max(r["lr"] for r in rows),
         "seq_per_s": sum(r["global_batch_size"] for r in rows) / sum(r["step_time_s"] for r in rows),
     }
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- report
@@ -415,7 +413,7 @@ def plot(out: Path, runs: list[dict], png: Path) -> bool:
         path = out / r["metrics"]
         if not path.is_file() or not path.stat().st_size:
             continue
-        rows = read_rows(path)
+        rows = read_jsonl(path)
         # A step's loss is measured before its update: plot it at the samples seen before its batch.
         x = [row["samples"] - row["global_batch_size"] for row in rows]
         loss = [row["mlm_loss"] for row in rows]

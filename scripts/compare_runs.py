@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lbllm.utils import UserError, read_jsonl, write_json_atomic
+
 # You et al. 2020, Table 1 (BERT-Large, SQuAD v1.1 dev F1): published figures, for scale.
 PAPER_ROWS = (
     {"name": "paper: baseline (Devlin et al.), BERT-Large", "optimizer": "Adam", "global_batch": [512],
@@ -34,21 +36,6 @@ PAPER_ROWS = (
     {"name": "paper: LAMB 64k/32k mixed batch, BERT-Large", "optimizer": "LAMB", "global_batch": [65536, 32768],
      "steps": [7038, 1561], "f1": 90.584},
 )
-
-
-class UsageError(ValueError):
-    """Bad input: one line, exit 2, nothing written."""
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UsageError(f"{path}:{n}: not a JSON line; is this a metrics.jsonl of pretrain_bert.py?") from None
-    return rows
 
 
 def phase_dirs(run_dir: Path) -> list[Path]:
@@ -63,11 +50,11 @@ def load_run(run_dir: Path, name: str | None = None) -> dict[str, Any]:
     """One row: per phase batch / steps / optimizer, held-out figures at the end, B_simple,
     SQuAD mean +- std, and the held-out curve (samples, steps, loss) over all phases."""
     if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: not a directory; pass pretraining output dirs (or recipe dirs with phase*/)")
+        raise UserError(f"{run_dir}: not a directory; pass pretraining output dirs (or recipe dirs with phase*/)")
     phases = phase_dirs(run_dir)
     squad_path = run_dir / "squad" / "results.json"
     if not phases and not squad_path.is_file():
-        raise UsageError(f"{run_dir}: no metrics.jsonl, phase*/metrics.jsonl or squad/results.json there")
+        raise UserError(f"{run_dir}: no metrics.jsonl, phase*/metrics.jsonl or squad/results.json there")
     run: dict[str, Any] = {"name": name or run_dir.name, "dir": str(run_dir), "optimizer": None, "global_batch": [],
                            "steps": [], "samples": [], "eval_mlm_loss": None, "eval_mlm_acc": None,
                            "grad_noise_scale": None, "grad_noise_scale_phases": [], "curve": [], "squad": None}
@@ -75,7 +62,7 @@ def load_run(run_dir: Path, name: str | None = None) -> dict[str, Any]:
     for d in phases:
         rows = read_jsonl(d / "metrics.jsonl")
         if not rows:
-            raise UsageError(f"{d / 'metrics.jsonl'}: empty; the run did not take a step")
+            raise UserError(f"{d / 'metrics.jsonl'}: empty; the run did not take a step")
         info = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
         opt = info.get("optimizer")
         run["optimizer"] = opt if run["optimizer"] in (None, opt) else f"{run['optimizer']} / {opt}"
@@ -118,7 +105,7 @@ def add_predictions(runs: list[dict], baseline: str | None) -> dict | None:
     if baseline is not None:
         base = next((r for r in runs if r["name"] == baseline), None)
         if base is None:
-            raise UsageError(f"--baseline {baseline}: no run of that name ({', '.join(r['name'] for r in runs)})")
+            raise UserError(f"--baseline {baseline}: no run of that name ({', '.join(r['name'] for r in runs)})")
     else:
         base = next((r for r in pretrained if r["grad_noise_scale_phases"][0]), pretrained[0] if pretrained else None)
     if base is None:
@@ -209,14 +196,13 @@ def plot(runs: list[dict], png: Path) -> bool:
 
 def compare(run_dirs: list[Path], names: list[str] | None = None, baseline: str | None = None) -> tuple[list[dict], str]:
     if names is not None and len(names) != len(run_dirs):
-        raise UsageError(f"--names: {len(names)} names for {len(run_dirs)} run directories; give one per directory")
+        raise UserError(f"--names: {len(names)} names for {len(run_dirs)} run directories; give one per directory")
     runs = [load_run(d, names[i] if names else None) for i, d in enumerate(run_dirs)]
     base = add_predictions(runs, baseline)
     return runs, render_table(runs, base)
 
 
 def write_outputs(prefix: Path, runs: list[dict], table: str) -> None:
-    from lbllm.data.shards import write_json_atomic
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     md = prefix.with_suffix(".md")
@@ -236,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         runs, table = compare(a.run_dirs, a.names.split(",") if a.names else None, a.baseline)
-    except (UsageError, OSError, json.JSONDecodeError, KeyError) as e:
+    except (UserError, OSError, json.JSONDecodeError, KeyError) as e:
         print(f"compare_runs: error: {e}", file=sys.stderr)
         return 2
     write_outputs(a.out, runs, table)

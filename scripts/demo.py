@@ -22,7 +22,6 @@ import argparse
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from lbllm.utils import free_port  # noqa: E402
 
 import compare_runs  # noqa: E402  (a sibling script: the demo's table is its table)
 
@@ -51,12 +52,6 @@ RECIPES = (
 RANDOM_INIT = "no pretraining (random init)"
 SEQ = {1: (64, 10), 2: (128, 20)}  # phase -> (sequence length, max predictions per sequence)
 TUNE_FACTORS = (0.5, 1.0, 2.0)  # the LR grid around each config's LR: the same 3 trials per optimizer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Demo:

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -33,12 +32,9 @@ from lbllm.squad.config import SquadConfig
 from lbllm.train.data_parallel import from_env
 from lbllm.squad.features import BadQuestionError, SquadFormatError, load_squad_json
 from lbllm.squad.metrics import aggregate_seeds
+from lbllm.utils import UserError, seed_everything, write_json_atomic
 
 DEFAULTS = {f.name: f.default for f in fields(SquadConfig)}
-
-
-class InputError(Exception):
-    """Bad user input: reported as one line, exit code 2."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,15 +80,15 @@ def parse_seeds(args: argparse.Namespace) -> list[int]:
     """--seeds 1,2,3, or --seed S, or the default seed; repeats are refused (the
     std over seeds would count one run twice)."""
     if args.seed is not None and args.seeds is not None:
-        raise InputError("pass either --seed S or --seeds S1,S2,..., not both")
+        raise UserError("pass either --seed S or --seeds S1,S2,..., not both")
     if args.seeds is None:
         return [args.seed if args.seed is not None else DEFAULTS["seed"]]
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
-        raise InputError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 1,2,3") from None
+        raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers such as 1,2,3") from None
     if len(set(seeds)) != len(seeds):
-        raise InputError(f"--seeds {args.seeds!r} repeats a seed; pass distinct seeds")
+        raise UserError(f"--seeds {args.seeds!r} repeats a seed; pass distinct seeds")
     return seeds
 
 
@@ -101,27 +97,27 @@ def read_squad(path: Path, skip_bad: bool) -> tuple[dict, list]:
     try:
         data, skipped = load_squad_json(path, skip_bad_examples=skip_bad)
     except BadQuestionError as err:
-        raise InputError(f"{err}, or pass --skip_bad_examples to skip such questions") from None
+        raise UserError(f"{err}, or pass --skip_bad_examples to skip such questions") from None
     if not any(p["qas"] for a in data["data"] for p in a["paragraphs"]):
         extra = f" after skipping {len(skipped)} bad ones" if skipped else ""
-        raise InputError(f"{path}: contains no usable questions{extra}; pass a SQuAD v1.1 file with questions")
+        raise UserError(f"{path}: contains no usable questions{extra}; pass a SQuAD v1.1 file with questions")
     return data, skipped
 
 
 def check_model_dir(model_dir: Path) -> int | None:
     """Fail fast on a directory that cannot be a checkpoint; return its position limit."""
     if not model_dir.is_dir():
-        raise InputError(f"{model_dir}: model directory not found; pass a directory written by save_pretrained")
+        raise UserError(f"{model_dir}: model directory not found; pass a directory written by save_pretrained")
     config = model_dir / "config.json"
     if not config.is_file():
-        raise InputError(f"{model_dir}: no config.json; pass a directory written by save_pretrained")
+        raise UserError(f"{model_dir}: no config.json; pass a directory written by save_pretrained")
     if not ((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.txt").is_file()):
-        raise InputError(f"{model_dir}: no tokenizer files (tokenizer.json or vocab.txt); save the tokenizer into it")
+        raise UserError(f"{model_dir}: no tokenizer files (tokenizer.json or vocab.txt); save the tokenizer into it")
     try:
         with open(config, encoding="utf-8") as f:
             limit = json.load(f).get("max_position_embeddings")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise InputError(f"{config}: malformed JSON ({err}); re-save the checkpoint") from None
+        raise UserError(f"{config}: malformed JSON ({err}); re-save the checkpoint") from None
     return limit if isinstance(limit, int) else None
 
 
@@ -131,7 +127,7 @@ def resolve_lengths(args: argparse.Namespace, position_limit: int | None) -> tup
     if max_seq is None:
         max_seq = min(DEFAULTS["max_seq_length"], position_limit or DEFAULTS["max_seq_length"])
     elif position_limit is not None and max_seq > position_limit:
-        raise InputError(
+        raise UserError(
             f"--max_seq_length {max_seq} exceeds {args.model_dir}'s {position_limit} positions; pass --max_seq_length <= {position_limit}"
         )
     stride = args.doc_stride
@@ -152,32 +148,19 @@ def build_config(args: argparse.Namespace, max_seq: int, stride: int, seed: int)
             device=args.device, progress=not args.no_progress,
         )  # fmt: skip
     except ValueError as err:
-        raise InputError(f"invalid option: {err}") from None
+        raise UserError(f"invalid option: {err}") from None
 
 
 def load_model(model_dir: Path, seed: int, dropout: float | None):
     """Seed, then load: the fresh QA head is initialized while loading."""
-    from lbllm.squad.finetune import load_qa_model, seed_everything
+    from lbllm.squad.finetune import load_qa_model
 
     seed_everything(seed)
     try:
         return load_qa_model(model_dir, dropout)
     except Exception as err:  # transformers raises many types for unusable dirs
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{model_dir}: cannot load model/tokenizer ({msg}); pass a save_pretrained directory") from None
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Readers never see a half-written file: write a temp file, then rename over."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        raise UserError(f"{model_dir}: cannot load model/tokenizer ({msg}); pass a save_pretrained directory") from None
 
 
 def report_seed(m: dict, eval_windows: int) -> None:
@@ -198,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         predict_data, predict_skipped = read_squad(args.predict_file, args.skip_bad_examples)
         position_limit = check_model_dir(args.model_dir)
         if args.output_dir.exists() and not args.output_dir.is_dir():
-            raise InputError(f"{args.output_dir}: exists and is not a directory; pass a directory path")
+            raise UserError(f"{args.output_dir}: exists and is not a directory; pass a directory path")
         cfg = build_config(args, *resolve_lengths(args, position_limit), seed=seeds[0])
         model, tokenizer, load_info = load_model(args.model_dir, seeds[0], cfg.dropout)
-    except (SquadFormatError, InputError) as err:
+    except UserError as err:  # SquadFormatError is one
         if dp.is_main:  # every rank finds the same error; one line is enough
             print(f"run_squad: error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from lbllm.squad.features import SquadFormatError, read_squad_json
-from lbllm.jsonio import read_json
+from lbllm.utils import read_json
 from lbllm.squad.metrics import evaluate
 
 

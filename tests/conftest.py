@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny prepared dataset made with the project's own data_prep CLIs.
+"""Shared fixtures: a tiny prepared dataset made with the project's own data_prep CLIs
+(the functions tests share are in helpers.py).
 
 Everything is generated here (synthetic corpus -> WordPiece tokenizer -> shards); tests
 never read ../shared or the network.
@@ -6,60 +7,18 @@ never read ../shared or the network.
 from __future__ import annotations
 
 import glob
-import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, run_cli
+
 # DeepSpeed JIT-builds a CPU comm op once; share it across test processes and runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE"}
-
-
-def run_cli(*args, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a project command the way a user would, from the repository root."""
-    # An in-process DeepSpeed test may have set the rendezvous variables of its own world
-    # of one; a child process must not join that world.
-    child_env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    proc = subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**child_env, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed_cmd(num_procs: int) -> list[str]:
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_procs), "--master_port", str(free_port())]
-
-
-def write_ds_config(path: Path, **overrides) -> Path:
-    """A tiny DeepSpeed config (LAMB, warmup + poly decay); keyword args override sections."""
-    config = {
-        "train_batch_size": 8,
-        "train_micro_batch_size_per_gpu": 4,
-        "optimizer": {"type": "LAMB", "params": {"lr": 1e-3, "weight_decay": 0.01}},
-        "scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_num_steps": 2, "total_num_steps": 6}},
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": 0},
-    }
-    config.update(overrides)
-    path.write_text(json.dumps(config))
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from conftest import run_cli, write_ds_config
-from lbllm.train.metrics import read_metrics
+from helpers import run_cli, write_ds_config
+from lbllm.utils import read_jsonl
 
 
 def ramp_config(tmp_path):
@@ -32,7 +32,7 @@ def test_ramp_noise_metrics_and_exact_resume(tiny_data, tmp_path):
     full = tmp_path / "full"
     proc = run(tiny_data, cfg, full, "--max_steps", "4", "--noise_scale_interval", "1")
     assert "lr 0.002 = 0.001 x sqrt(8/2)" in proc.stderr  # the LR scaling line at start
-    rows = read_metrics(full / "metrics.jsonl")
+    rows = read_jsonl(full / "metrics.jsonl")
     assert [r["global_batch_size"] for r in rows] == [8, 8, 16, 16]
     assert [r["samples"] for r in rows] == [8, 16, 32, 48]
     assert all(r["lr"] == pytest.approx(2e-3) for r in rows)  # constant after 1 warmup step
@@ -43,7 +43,7 @@ def test_ramp_noise_metrics_and_exact_resume(tiny_data, tmp_path):
     part = tmp_path / "part"
     run(tiny_data, cfg, part, "--max_steps", "3")  # stops after the batch change, checkpoint at step 3
     run(tiny_data, cfg, part, "--max_steps", "4", "--resume", "auto")
-    resumed = read_metrics(part / "metrics.jsonl")
+    resumed = read_jsonl(part / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["samples"] for r in resumed] == [8, 16, 32, 48]
     assert resumed[3]["loss"] == pytest.approx(rows[3]["loss"], rel=1e-6, abs=0)

@@ -1,25 +1,14 @@
 """scripts/compare_runs.py (the demo's table) and the demo's verdict lines, on hand-made runs."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from helpers import load_script
 
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-compare_runs = load("compare_runs")
-demo = load("demo")
+compare_runs = load_script("scripts/compare_runs.py")
+demo = load_script("scripts/demo.py")
 
 
 def write_phase(d: Path, batch: int, steps: int, evals: dict, noise=None, optimizer="AdamW"):

@@ -8,7 +8,6 @@ tokenizer trained on it; nothing is read from outside the test's temp directorie
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import helpers
 
 from lbllm.data import DataError, GlobalBatchSampler, PretrainingDataset, tokenizer_fingerprint
 from lbllm.data.inputs import CorpusStats, ReadOptions, Source, expand_inputs, plan_units, read_documents
@@ -40,17 +41,9 @@ def cli(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def load_script(name: str):
-    if name in _SCRIPTS:
-        return _SCRIPTS[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data_prep" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    _SCRIPTS[name] = module
-    return module
+    return helpers.load_script(f"data_prep/{name}.py")
 
 
-_SCRIPTS: dict = {}
 
 
 def shards_in_process(*args) -> int:

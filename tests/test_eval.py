@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from conftest import run_cli, write_ds_config
+from helpers import run_cli, write_ds_config
 from lbllm.train.eval import due, slice_bounds
-from lbllm.train.metrics import read_metrics
+from lbllm.utils import read_jsonl
 from test_pretrain import pretrain
 
 EVAL_KEYS = ("eval_mlm_loss", "eval_mlm_acc", "eval_nsp_loss", "eval_nsp_acc")
@@ -60,7 +60,7 @@ def test_heldout_eval_is_the_same_on_one_and_two_ranks(heldout_data, tmp_path, s
             pretrain(heldout_data, out, cfg1, *extra, shards="shards_64h")
         else:
             pretrain(heldout_data, out, cfg, *extra, procs=2, shards="shards_64h")
-        runs[procs] = read_metrics(out / "metrics.jsonl")
+        runs[procs] = read_jsonl(out / "metrics.jsonl")
     one, two = runs[1], runs[2]
     # Evaluated after step 2 (16 samples) and after the last step (3), not after step 1.
     assert [("eval_mlm_loss" in r) for r in one] == [False, True, True]

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import load_script, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import batch_scaling_experiment as exp  # noqa: E402  (scripts/ is not a package)
+exp = load_script("scripts/batch_scaling_experiment.py")
 
 
 def test_cpu_configs_follow_the_recipes():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import deepspeed_cmd, run_cli, write_ds_config
+from helpers import deepspeed_cmd, run_cli, write_ds_config
 
 GLOBAL = 16
 # label -> (world size, micro-batch size); accumulation = GLOBAL / (world x micro)

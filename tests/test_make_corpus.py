@@ -7,7 +7,6 @@ entities, and the corpus states each fact consistently (or pretraining cannot he
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import string
@@ -18,20 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data_prep" / "make_corpus.py"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("make_corpus", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_corpus"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-mc = _load_module()
+mc = load_script("data_prep/make_corpus.py")
 
 SMALL = dict(num_docs=150, squad_train=120, squad_dev=40)
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, deepspeed_cmd, run_cli, write_ds_config
-from lbllm.train.metrics import read_metrics
+from helpers import ROOT, deepspeed_cmd, run_cli, write_ds_config
+from lbllm.utils import UserError, read_jsonl
 
 REQUIRED = {"step", "loss", "lr", "global_batch_size", "samples", "seq_per_s"}
 
@@ -26,7 +26,7 @@ def test_single_process_run_writes_metrics_and_hf_model(tiny_data, tmp_path):
     cfg = write_ds_config(tmp_path / "ds.json")
     out = tmp_path / "out"
     pretrain(tiny_data, out, cfg, "--max_steps", "3")
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(REQUIRED <= r.keys() for r in rows)
     assert [r["samples"] for r in rows] == [8, 16, 24]
@@ -47,7 +47,7 @@ def test_two_rank_zero3_bf16_lamb_runs_and_exports(tiny_data, tmp_path):
     out = tmp_path / "z3"
     proc = pretrain(tiny_data, out, cfg, "--max_steps", "2", procs=2)
     assert "ZeRO 3" in proc.stderr
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
     model = AutoModelForPreTraining.from_pretrained(out / "final")
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -65,14 +65,14 @@ def test_two_rank_zero2_phase1_then_phase2(tiny_data, tmp_path):
                              zero_optimization={"stage": 2})
     p1, p2 = tmp_path / "p1", tmp_path / "p2"
     pretrain(tiny_data, p1, p1_cfg, "--max_steps", "3", "--dropout", "0", procs=2)
-    rows1 = read_metrics(p1 / "metrics.jsonl")
+    rows1 = read_jsonl(p1 / "metrics.jsonl")
     assert [r["global_batch_size"] for r in rows1] == [16] * 3
     assert rows1[-1]["samples"] == 48
 
     proc = pretrain(tiny_data, p2, p2_cfg, "--phase", "2", "--init_checkpoint", p1, "--dropout", "0",
                     procs=2, shards="shards_128")
     assert "optimizer moments" in proc.stderr
-    rows2 = read_metrics(p2 / "metrics.jsonl")
+    rows2 = read_jsonl(p2 / "metrics.jsonl")
     # step count, samples and the schedule restart: re-warmup from lr/2 at phase-2 peak 5e-4
     assert [r["step"] for r in rows2] == [1, 2, 3]
     assert [r["samples"] for r in rows2] == [8, 16, 24]
@@ -81,7 +81,7 @@ def test_two_rank_zero2_phase1_then_phase2(tiny_data, tmp_path):
     # phase 2 starts from phase-1 weights: its first loss is far below a fresh model's
     fresh = tmp_path / "fresh"
     pretrain(tiny_data, fresh, p2_cfg, "--max_steps", "1", "--dropout", "0", procs=1, shards="shards_128")
-    assert rows2[0]["mlm_loss"] < read_metrics(fresh / "metrics.jsonl")[0]["mlm_loss"]
+    assert rows2[0]["mlm_loss"] < read_jsonl(fresh / "metrics.jsonl")[0]["mlm_loss"]
     m1 = AutoModelForPreTraining.from_pretrained(p1 / "final")
     m2 = AutoModelForPreTraining.from_pretrained(p2 / "final")
     w1, w2 = m1.bert.embeddings.word_embeddings.weight, m2.bert.embeddings.word_embeddings.weight
@@ -134,7 +134,7 @@ def test_resume_auto_continues_exactly(tiny_data, tmp_path):
     pretrain(tiny_data, part, cfg, "--max_steps", "2", "--dropout", "0")
     proc = pretrain(tiny_data, part, cfg, "--max_steps", "4", "--dropout", "0", "--resume", "auto")
     assert "resumed from step 2" in proc.stderr
-    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["samples"] for r in b] == [r["samples"] for r in a]
     assert [r["lr"] for r in b] == pytest.approx([r["lr"] for r in a], rel=1e-12)
@@ -145,7 +145,7 @@ def test_bf16_run(tiny_data, tmp_path):
     cfg = write_ds_config(tmp_path / "ds.json", bf16={"enabled": True}, zero_optimization={"stage": 1})
     out = tmp_path / "out"
     pretrain(tiny_data, out, cfg, "--max_steps", "2")
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert (out / "final" / "config.json").is_file()
 
@@ -159,28 +159,52 @@ def _expect_error(proc, *needles):
 
 
 def test_errors_are_one_line_before_any_output(tiny_data, tmp_path):
+    """The CLI contract, once through a real launch: exit 2, one line, nothing written."""
     out = tmp_path / "out"
     good = write_ds_config(tmp_path / "good.json")
     _expect_error(run_cli(sys.executable, "pretrain_bert.py", "--deepspeed_config", good, "--data_dir",
                           tmp_path / "nope", "--output_dir", out, check=False), "--data_dir", "create_shards.py")
     bad_opt = write_ds_config(tmp_path / "bad_opt.json", optimizer={"type": "Lamby", "params": {}})
     _expect_error(pretrain(tiny_data, out, bad_opt, check=False), "Lamby", "LAMB", "LARS")
+    assert not out.exists()
+
+
+def _prepare_error(data, out, config, **extra) -> str:
+    """What prepare() (every check before DeepSpeed starts) raises, in this process."""
+    from lbllm.train.config import RunConfig
+    from lbllm.train.trainer import prepare
+
+    with pytest.raises(UserError) as err:
+        prepare(RunConfig(**{"deepspeed_config": config, "data_dir": data / "shards_64", "output_dir": out,
+                             "model_config": "tiny", **extra}))
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_config_errors_name_the_key_and_the_fix(tiny_data, tmp_path):
+    out = tmp_path / "out"
     bad_key = write_ds_config(tmp_path / "bad_key.json", optimizer={"type": "LAMB", "params": {"lr": 1e-3, "beta1": 0.9}})
-    _expect_error(pretrain(tiny_data, out, bad_key, check=False), "beta1", "valid keys", "betas")
     bf16_stage0 = write_ds_config(tmp_path / "bf16_0.json", bf16={"enabled": True})
-    _expect_error(pretrain(tiny_data, out, bf16_stage0, check=False), "stage 1, 2 or 3")
     bad_batch = write_ds_config(tmp_path / "bad_batch.json", train_batch_size=8, train_micro_batch_size_per_gpu=4,
                                 gradient_accumulation_steps=3)
-    _expect_error(pretrain(tiny_data, out, bad_batch, check=False), "train_batch_size=8")
     small = tmp_path / "small.json"
     small.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                  "intermediate_size": 64, "max_position_embeddings": 32}))
-    _expect_error(run_cli(sys.executable, "pretrain_bert.py", "--deepspeed_config", good, "--data_dir",
-                          tiny_data / "shards_64", "--output_dir", out, "--model_config", small, check=False),
-                  "max_position_embeddings is 32")
-    _expect_error(pretrain(tiny_data, out, good, "--tokenizer", tmp_path, check=False), "--tokenizer")
     (tmp_path / "malformed.json").write_text("{not json")
-    _expect_error(pretrain(tiny_data, out, tmp_path / "malformed.json", check=False), "malformed JSON")
+    good = write_ds_config(tmp_path / "good.json")
+    cases = [
+        (dict(config=bad_key), ["beta1", "valid keys", "betas"]),
+        (dict(config=bf16_stage0), ["stage 1, 2 or 3"]),
+        (dict(config=bad_batch), ["train_batch_size=8"]),
+        (dict(config=good, model_config=small), ["max_position_embeddings is 32"]),
+        (dict(config=good, tokenizer=tmp_path), ["--tokenizer"]),
+        (dict(config=tmp_path / "malformed.json"), ["malformed JSON"]),
+    ]
+    for kw, needles in cases:
+        config = kw.pop("config")
+        msg = _prepare_error(tiny_data, out, config, **kw)
+        for n in needles:
+            assert n in msg, (kw, msg)
     assert not out.exists()
 
 
@@ -212,7 +236,7 @@ def test_phase2_on_another_world_size_and_zero_stage_carries_state_exactly(tiny_
     assert any(v.abs().sum() > 0 for v in a["moments"]["exp_avg"].values())  # moments were really trained
     pretrain(tiny_data, tmp_path / "p2b", p2_cfg, "--phase", "2", "--init_checkpoint", p1, "--max_steps", "1",
              shards="shards_128")
-    assert [r["step"] for r in read_metrics(tmp_path / "p2b" / "metrics.jsonl")] == [1]
+    assert [r["step"] for r in read_jsonl(tmp_path / "p2b" / "metrics.jsonl")] == [1]
 
 
 def test_lamb_64k_recipe_runs_through_the_registry_under_zero(tiny_data, tmp_path):
@@ -225,6 +249,6 @@ def test_lamb_64k_recipe_runs_through_the_registry_under_zero(tiny_data, tmp_pat
     out = tmp_path / "recipe"
     proc = pretrain(tiny_data, out, cfg, "--max_steps", "2", procs=2)
     assert "LAMB" in proc.stderr and f"ZeRO {recipe['zero_optimization']['stage']}" in proc.stderr
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["lr"] == pytest.approx(6e-3 / 2000)  # step 1 of the 2000-step warmup

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import load_script
 from lbllm.squad.features import (
     BadQuestionError,
     SquadFormatError,
@@ -570,20 +571,28 @@ def test_unicode_context_through_the_tokenizer_offsets(tokenizer):
 
 def _load_run_squad():
     """scripts/ is not a package: load the CLI module to test its pure helpers."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_squad_cli", RUN_SQUAD)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/run_squad.py")
 
 
 def test_schedule_and_config_validation():
-    from lbllm.squad.finetune import SquadConfig, linear_warmup_decay
+    import torch
 
-    # warmup 2 of 10 steps: 0, .5, 1, then linear to 0 at step 10
-    assert [linear_warmup_decay(s, 10, 2) for s in (0, 1, 2, 6, 10, 11)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
-    assert linear_warmup_decay(0, 5, 0) == 1.0
+    from lbllm.schedules import build_scheduler
+    from lbllm.squad.finetune import SquadConfig
+
+    # fine-tuning's schedule (lbllm.schedules, as train() builds it): warmup 2 of 10 updates,
+    # then linear to 0 at update 10; with no warmup the decay starts at the first update
+    def lrs(total, warmup):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_scheduler("WarmupPolyDecay", {"total_num_steps": total, "warmup_num_steps": warmup})(opt)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+    assert lrs(10, 2) == pytest.approx([0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0])
+    assert lrs(5, 0) == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])
     cfg = SquadConfig(epochs=2, batch_size=8)
     assert cfg.total_steps(20) == 6 and cfg.warmup_steps(6) == 0
     assert SquadConfig(max_steps=7).total_steps(1000) == 7
@@ -617,7 +626,7 @@ def test_seed_flags():
     assert cli.parse_seeds(cli.parse_args(base + ["--seed", "7"])) == [7]
     assert cli.parse_seeds(cli.parse_args(base + ["--seeds", "1,2,3"])) == [1, 2, 3]
     for bad in (["--seeds", "1,x"], ["--seeds", "1,1"], ["--seed", "1", "--seeds", "2"]):
-        with pytest.raises(cli.InputError):
+        with pytest.raises(cli.UserError):
             cli.parse_seeds(cli.parse_args(base + bad))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import deepspeed_cmd, run_cli
+from helpers import deepspeed_cmd, run_cli
 from test_squad import QLEN, SEQ, STRIDE, make_squad, save_tiny_bert, write_json
 
 LOSS_TOL = 1e-5  # per-step global-batch loss, absolute

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from conftest import run_cli, write_ds_config
-from lbllm.train.metrics import read_metrics
+from helpers import run_cli, write_ds_config
+from lbllm.utils import read_jsonl
 
 
 def test_two_phase_script_runs_both_phases_and_skips_a_finished_phase_1(tiny_data, tmp_path):
@@ -16,7 +16,7 @@ def test_two_phase_script_runs_both_phases_and_skips_a_finished_phase_1(tiny_dat
     out = tmp_path / "run"
     proc = run_cli("bash", "scripts/pretrain_two_phase.sh", out, tiny_data / "shards_64", tiny_data / "shards_128",
                    env=env)
-    rows1, rows2 = read_metrics(out / "phase1" / "metrics.jsonl"), read_metrics(out / "phase2" / "metrics.jsonl")
+    rows1, rows2 = read_jsonl(out / "phase1" / "metrics.jsonl"), read_jsonl(out / "phase2" / "metrics.jsonl")
     assert [r["step"] for r in rows1] == [1, 2, 3] and [r["step"] for r in rows2] == [1, 2]
     assert all(r["phase"] == 2 and r["global_batch_size"] == 4 for r in rows2)
     assert rows2[0]["lr"] == rows1[0]["lr"]  # re-warmup: phase 2 step 1 is back at lr / warmup

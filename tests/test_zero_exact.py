@@ -14,14 +14,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import DIST_VARS, ROOT, free_port
+from helpers import DIST_VARS, ROOT, free_port
 from lbllm.optim import create_optimizer
 from lbllm.optim.zero import zero3_segments, zero_segments
 
@@ -90,55 +89,6 @@ def global_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(STEPS, n, 7, generator=g), torch.randn(STEPS, n, 3, generator=g)
 
 
-WORKER = textwrap.dedent("""
-    import json, os, sys
-    import torch
-    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    import deepspeed
-    from test_zero_exact import MICRO, OPTS, build_model, case_key, case_steps, cases_for, global_batch
-    from lbllm.optim import create_optimizer
-    from lbllm.optim.zero import attach_zero_partition_info
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    xs, ys = global_batch(world)
-    results = {{}}
-    for case in cases_for(world):
-        opt_name, stage, attach, extra = case
-        model = build_model()
-        opt = create_optimizer(OPTS[opt_name][0], model, **OPTS[opt_name][1])
-        # gradient_clipping 0: DeepSpeed's default (1.0) would clip before the optimizer.
-        config = {{"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,
-                   "zero_optimization": {{"stage": stage, **{{k: v for k, v in extra.items() if k != "bf16"}}}},
-                   "bf16": {{"enabled": bool(extra.get("bf16"))}}, "communication_data_type": "fp32",
-                   "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
-                   "steps_per_print": 10**9}}
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-        if attach:
-            assert attach_zero_partition_info(engine) is not None
-        for step in range(case_steps(case)):
-            x = xs[step, rank * MICRO:(rank + 1) * MICRO]
-            y = ys[step, rank * MICRO:(rank + 1) * MICRO]
-            if extra.get("bf16"):
-                x, y = x.bfloat16(), y.bfloat16()
-            loss = torch.nn.functional.mse_loss(engine(x).float(), y.float())
-            engine.backward(loss)
-            engine.step()
-        # ZeRO 3 holds only partitions: gather the full parameters to compare them.
-        # bf16 compares the fp32 master weights: the bf16 copy would turn 1e-7 differences
-        # into whole-ulp flips.
-        if extra.get("bf16"):
-            from deepspeed.utils import safe_get_full_fp32_param
-            results[case_key(case)] = {{n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}}
-        else:
-            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
-                results[case_key(case)] = {{n: p.detach().clone() for n, p in engine.module.named_parameters()}}
-        engine.destroy()
-    if rank == 0:
-        torch.save(results, {out!r})
-""")
-
-
 def reference(opt_name: str, world: int, bf16: bool = False, steps: int = STEPS) -> dict[str, torch.Tensor]:
     """The unpartitioned optimizer on the full global batch, in one process.
 
@@ -193,13 +143,11 @@ def max_elem_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 def run_world(tmp_path: Path, world: int) -> dict:
     out = tmp_path / f"result_{world}.pt"
-    script = tmp_path / "zero_worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(out)))
     base = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
                 DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                 TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "zero_worker.py"), str(out)], cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(world)]

@@ -51,6 +51,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from lbllm.utils import UserError
+
 INPUT_FORMATS = ("txt", "jsonl", "parquet")
 HEADINGS = ("keep", "drop", "articles")
 BAD_RECORD_POLICIES = ("error", "skip")
@@ -67,7 +69,7 @@ _HEADING = re.compile(r"^\s*=+ .* =+\s*$")
 _TITLE = re.compile(r"^\s*= [^=].* =\s*$")  # level 1 only: an article title
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """Input that cannot be read as asked: one line naming the file (and line) and the fix."""
 
 

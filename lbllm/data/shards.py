@@ -35,9 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,6 +42,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lbllm.data.masking import DYNAMIC_STREAM, MaskingConfig, mask_tokens, row_keys
+from lbllm.utils import UserError
 
 # torch is imported where tensors are made, not here: data_prep scripts import this
 # module for the writer and should not pay torch's start-up time.
@@ -76,7 +74,7 @@ def shard_fields(masking: str) -> tuple[str, ...]:
 _PREPARE_HINT = "prepare it with data_prep/create_shards.py"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Pretraining data that cannot be used as it is (missing, corrupt, mismatched)."""
 
 
@@ -183,40 +181,6 @@ class ShardWriter:
                 "sha256": sha256_file(path),
             }
         self.records.append({"num_samples": int(arrays["lengths"].shape[0]), "files": files})
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON next to ``path`` and rename it into place (never a half file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def make_temp_dir(out_dir: Path) -> Path:
-    """An empty ``OUT.tmp-XXXX`` next to ``out_dir`` (same file system, so the final
-    rename is atomic), with the permissions a plain ``mkdir`` would give."""
-    out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
-def publish_directory(tmp_dir: Path, out_dir: Path) -> None:
-    """Move a fully written ``tmp_dir`` to ``out_dir``, replacing what was there.
-
-    A directory cannot be renamed over a non-empty one, so the old output is first
-    renamed aside, then the new one into place, then the old one deleted: at every
-    instant ``out_dir`` is either the old complete set, absent, or the new complete set."""
-    tmp_dir, out_dir = Path(tmp_dir), Path(out_dir)
-    if out_dir.exists():
-        old = out_dir.with_name(f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-        os.replace(tmp_dir, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, out_dir)
 
 
 # ---------------------------------------------------------------------------------------

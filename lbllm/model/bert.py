@@ -11,6 +11,8 @@ from pathlib import Path
 
 from transformers import BertConfig, BertForPreTraining
 
+from lbllm.utils import UserError
+
 # name -> (layers, hidden)
 MODEL_SIZES: dict[str, tuple[int, int]] = {
     "tiny": (2, 128),
@@ -22,7 +24,7 @@ MODEL_SIZES: dict[str, tuple[int, int]] = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """A model size name or config file that cannot be used."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lbllm.utils import UserError
+
 from .lamb import Lamb
 from .lars import Lars
 from .param_groups import build_param_groups
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class UnknownOptimizerError(ValueError):
+class UnknownOptimizerError(UserError):
     """An optimizer name that is not registered."""
 
 

@@ -1,5 +1,5 @@
 """LR schedules, LR scaling rules and batch-size schedules: pure functions of the step."""
-from lbllm.schedules.batch import BatchSchedule, GradientNoiseScale, parse_batch_schedule, sgd_noise_scale
+from lbllm.schedules.batch import BatchSchedule, parse_batch_schedule
 from lbllm.schedules.lr import (
     SCHEDULES,
     ScheduleError,
@@ -19,5 +19,5 @@ __all__ = [
     "SCHEDULES", "ScheduleError", "ScheduleRecord", "WarmupConstant", "WarmupCosineDecay", "WarmupDecay",
     "WarmupPolyDecay", "build_scheduler", "is_project_schedule", "list_schedules", "make_schedule",
     "LRScaling", "parse_lr_scaling", "scale_lr",
-    "BatchSchedule", "GradientNoiseScale", "parse_batch_schedule", "sgd_noise_scale",
+    "BatchSchedule", "parse_batch_schedule",
 ]

@@ -1,4 +1,5 @@
-"""Global batch size over training, and the noise scales that say whether it is a good one.
+"""Global batch size over training (the noise scales that say whether it is a good one
+are measured by lbllm.train.telemetry).
 
 Batch-size ramp, Smith et al. 2018 ("Don't Decay the Learning Rate, Increase the Batch
 Size"): where one would divide the LR by k, multiply the batch by k instead; the SGD noise
@@ -12,20 +13,10 @@ B is the batch of 1-based steps s + 1, s + 2, ... until the next milestone. The 
 milestone is [0, B0] (the batch of step 1). Milestones are in steps, not samples, because
 the LR schedule is a function of the step too; `samples_before` / `step_for_samples`
 convert between the two for resume and for plotting against samples.
-
-Noise scales:
-- `sgd_noise_scale`: Smith et al.'s g = lr * N / (B * (1 - m)).
-- `GradientNoiseScale`: McCandlish et al. 2018 ("An Empirical Model of Large-Batch
-  Training") B_simple = tr(Sigma) / |G|^2, estimated from squared norms of mean gradients
-  at two batch sizes (appendix A.1). Data-parallel training has both for free: a
-  per-rank micro-batch gradient (small) and the all-reduced global-batch gradient (big).
-  B_simple is the critical-batch estimate: much larger batches waste samples, much
-  smaller ones waste steps.
 """
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 
 from lbllm.schedules.lr import ScheduleError, _is_int
@@ -145,86 +136,3 @@ def parse_batch_schedule(section: dict | None, source: str) -> BatchSchedule | N
         return BatchSchedule(section["milestones"])
     except ScheduleError as exc:
         raise ScheduleError(f"{source}: {exc}") from None
-
-
-def sgd_noise_scale(lr: float, dataset_size: int, batch: int, momentum: float = 0.0) -> float:
-    """Smith et al. 2018: g = lr * N / (B * (1 - m)). Use m = 0 for Adam-type optimizers."""
-    if not batch > 0 or not dataset_size > 0:
-        raise ValueError(f"batch={batch}, dataset_size={dataset_size}: both must be > 0")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum={momentum}: must be in [0, 1)")
-    return lr * dataset_size / (batch * (1.0 - momentum))
-
-
-class GradientNoiseScale:
-    """McCandlish et al. 2018's B_simple = tr(Sigma) / |G|^2 from two batch sizes (appendix A.1).
-
-    For mean gradients over b examples, E|G_b|^2 = |G|^2 + tr(Sigma) / b. Two batch sizes
-    b_small < b_big give unbiased estimates per measurement:
-        |G|^2 ~ (b_big |G_big|^2 - b_small |G_small|^2) / (b_big - b_small)
-        S     ~ (|G_small|^2 - |G_big|^2) / (1 / b_small - 1 / b_big)
-    Each is noisy, so each is averaged with its own exponential moving average (bias
-    corrected as in Adam), and B_simple = EMA(S) / EMA(|G|^2): the ratio of averages, not
-    the average of ratios, which would be biased. `sqnorm_small` may be the mean of
-    several small-batch squared norms (e.g. over ranks and accumulation micro-steps).
-    B_simple is in the units of b (sequences, or tokens if the gradients are per-token means).
-    """
-
-    def __init__(self, ema_decay: float = 0.95) -> None:
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay={ema_decay}: must be in [0, 1)")
-        self.ema_decay = ema_decay
-        self.count = 0
-        self._g2 = 0.0
-        self._s = 0.0
-
-    @staticmethod
-    def estimates(b_small: float, sqnorm_small: float, b_big: float, sqnorm_big: float) -> tuple[float, float]:
-        """One measurement's unbiased (|G|^2, tr(Sigma)) estimates."""
-        if not 0 < b_small < b_big:
-            raise ValueError(f"b_small={b_small}, b_big={b_big}: need 0 < b_small < b_big")
-        sqnorm_small, sqnorm_big = float(sqnorm_small), float(sqnorm_big)  # also 0-d tensors
-        for name, v in (("sqnorm_small", sqnorm_small), ("sqnorm_big", sqnorm_big)):
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name}={v!r}: must be a finite number >= 0")
-        g2 = (b_big * sqnorm_big - b_small * sqnorm_small) / (b_big - b_small)
-        s = (sqnorm_small - sqnorm_big) / (1.0 / b_small - 1.0 / b_big)
-        return g2, s
-
-    def update(self, b_small: float, sqnorm_small: float, b_big: float, sqnorm_big: float) -> float | None:
-        """Add one measurement; returns the current `b_simple`."""
-        g2, s = self.estimates(b_small, sqnorm_small, b_big, sqnorm_big)
-        beta = self.ema_decay
-        self._g2 = beta * self._g2 + (1.0 - beta) * g2
-        self._s = beta * self._s + (1.0 - beta) * s
-        self.count += 1
-        return self.b_simple
-
-    def _corrected(self, value: float) -> float | None:
-        if self.count == 0:
-            return None
-        return value / (1.0 - self.ema_decay ** self.count)
-
-    @property
-    def grad_sqnorm(self) -> float | None:
-        """Smoothed estimate of |G|^2 (None before the first measurement)."""
-        return self._corrected(self._g2)
-
-    @property
-    def trace_cov(self) -> float | None:
-        """Smoothed estimate of tr(Sigma), the per-example gradient variance (None before the first)."""
-        return self._corrected(self._s)
-
-    @property
-    def b_simple(self) -> float | None:
-        """tr(Sigma) / |G|^2, or None before the first measurement or while the |G|^2 estimate is <= 0."""
-        if self.count == 0 or self._g2 <= 0:
-            return None
-        return self._s / self._g2  # the bias corrections cancel in the ratio
-
-    def state_dict(self) -> dict:
-        return {"ema_decay": self.ema_decay, "count": self.count, "g2": self._g2, "s": self._s}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ema_decay, self.count = float(state["ema_decay"]), int(state["count"])
-        self._g2, self._s = float(state["g2"]), float(state["s"])

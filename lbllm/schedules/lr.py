@@ -30,8 +30,10 @@ from typing import Any, Callable
 
 import torch
 
+from lbllm.utils import UserError
 
-class ScheduleError(ValueError):
+
+class ScheduleError(UserError):
     """A scheduler / lr_scaling / batch_schedule section that cannot be used."""
 
 

@@ -30,7 +30,7 @@ from lbllm.squad.postprocess import best_spans, nbest_predictions, postprocess_p
 
 # `finetune` itself is not re-exported: the submodule of the same name would shadow it
 # once imported. Use `from lbllm.squad.finetune import finetune`.
-_LAZY = {"FinetuneResult", "SquadData", "load_qa_model", "predict", "prepare_data", "seed_everything", "train"}
+_LAZY = {"FinetuneResult", "SquadData", "load_qa_model", "predict", "prepare_data", "train"}
 
 __all__ = [
     "BadQuestion",

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lbllm.jsonio import read_json
+from lbllm.utils import UserError, read_json
 
 __all__ = [
     "SquadFormatError",
@@ -55,7 +55,7 @@ __all__ = [
 _CHUNK = 2048
 
 
-class SquadFormatError(ValueError):
+class SquadFormatError(UserError):
     """The file is not usable SQuAD v1.1; the message names the file and the fix."""
 
 

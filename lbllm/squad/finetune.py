@@ -22,7 +22,6 @@ contexts do not pay for max_seq_length worth of padding.
 from __future__ import annotations
 
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lbllm.optim import build_param_groups
+from lbllm.schedules import build_scheduler
 from lbllm.squad.config import SquadConfig
 from lbllm.train.data_parallel import DataParallel
 from lbllm.squad.features import (
@@ -47,14 +47,13 @@ from lbllm.squad.features import (
 )
 from lbllm.squad.metrics import evaluate
 from lbllm.squad.postprocess import postprocess_predictions
+from lbllm.utils import seed_everything
 
 __all__ = [
     "SquadConfig",
     "SquadData",
     "FinetuneResult",
-    "seed_everything",
     "load_qa_model",
-    "linear_warmup_decay",
     "qa_loss_sum",
     "prepare_data",
     "train",
@@ -62,13 +61,6 @@ __all__ = [
     "predict",
     "finetune",
 ]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every RNG that touches fine-tuning: head init, dropout, shuffling."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds CUDA generators
 
 
 def load_qa_model(model_dir: str | os.PathLike, dropout: float | None = None) -> tuple[Any, Any, dict]:
@@ -103,13 +95,6 @@ def load_qa_model(model_dir: str | os.PathLike, dropout: float | None = None) ->
         "unused": sorted(info.get("unexpected_keys", [])),
     }
     return model, tokenizer, summary
-
-
-def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
-    """LR multiplier: 0 -> 1 linearly over warmup, then 1 -> 0 linearly at total_steps."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 def qa_loss_sum(start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
@@ -228,7 +213,8 @@ def train(model: torch.nn.Module, feats: TrainFeatures, cfg: SquadConfig, dp: Da
                 "train_examples": 0, "train_examples_per_s": None}  # fmt: skip
     warmup = cfg.warmup_steps(total)
     optimizer = torch.optim.AdamW(build_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(s, total, warmup))
+    # Linear warmup then linear decay to 0: the pretraining schedules' WarmupPolyDecay, power 1.
+    schedule = build_scheduler("WarmupPolyDecay", {"total_num_steps": total, "warmup_num_steps": warmup})(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     tensors = _to_tensors(feats)
     batches = _batches(len(feats), cfg.batch_size, torch.Generator().manual_seed(cfg.seed))

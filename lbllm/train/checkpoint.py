@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from lbllm.train.config import ConfigError
 from lbllm.train.engine import base_optimizer
+from lbllm.utils import make_temp_dir, publish_directory
 
 CHECKPOINT_SUBDIR = "checkpoints"
 PHASE_STATE = "phase_state.pt"
@@ -217,18 +218,11 @@ def export_hf(state_dict: dict[str, torch.Tensor], hf_model: torch.nn.Module, to
     missing = [k for k in missing if not k.endswith("predictions.decoder.weight") and not k.endswith("predictions.decoder.bias")]
     if missing or unexpected:
         raise RuntimeError(f"export: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    final_dir = Path(final_dir)
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    hf_model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if final_dir.exists():
-        old = final_dir.with_name(final_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-        os.replace(tmp, final_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final_dir)
+    tmp = make_temp_dir(final_dir)
+    try:
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        publish_directory(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lbllm.jsonio import read_json
+from lbllm.utils import UserError, read_json
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A run argument or DeepSpeed config entry that cannot be used."""
 
 

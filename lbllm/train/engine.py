@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +27,7 @@ from lbllm.schedules import (
     parse_lr_scaling,
 )
 from lbllm.train.config import BatchLayout, ConfigError, resolve_batch_layout
+from lbllm.utils import free_port
 
 # DeepSpeed's own optimizer and schedule names (kept here so they are validated before
 # DeepSpeed starts; importing deepspeed.runtime.config is cheap once deepspeed is loaded).
@@ -46,10 +46,7 @@ def ensure_distributed_env() -> None:
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def configure_cpu_threads() -> None:

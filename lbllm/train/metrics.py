@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from lbllm.utils import write_text_atomic
 
 
 class MetricsWriter:
@@ -37,9 +38,7 @@ class MetricsWriter:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError):
                 continue  # a torn last line from a crash
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
         if self._fh is None:
@@ -51,8 +50,3 @@ class MetricsWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """All step records of a metrics.jsonl (used by scripts and tests)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

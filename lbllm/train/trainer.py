@@ -8,23 +8,19 @@ the accumulation boundary, and rank 0 writes one metrics.jsonl record.
 """
 from __future__ import annotations
 
-import logging
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from lbllm.data import GlobalBatchSampler, PretrainingDataset
-from lbllm.data.shards import write_json_atomic
 from lbllm.model import PretrainingModel, build_bert_config, build_pretraining_model
 from lbllm.optim import describe_param_groups
-from lbllm.schedules import GradientNoiseScale, sgd_noise_scale
+from lbllm.train.telemetry import GradientNoiseScale, sgd_noise_scale
 from lbllm.train import checkpoint as ckpt
 from lbllm.train.config import ConfigError, RunConfig, load_json_config
 from lbllm.train.engine import (
@@ -37,15 +33,7 @@ from lbllm.train.engine import (
 )
 from lbllm.train.eval import due, evaluate_mlm
 from lbllm.train.metrics import MetricsWriter
-
-log = logging.getLogger("lbllm")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
+from lbllm.utils import seed_everything, write_json_atomic
 
 @dataclass
 class Setup:
