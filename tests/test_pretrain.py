@@ -127,18 +127,25 @@ def test_phase2_carries_moments_and_resets_step(tiny_data, tmp_path):
 
 
 def test_resume_auto_continues_exactly(tiny_data, tmp_path):
-    """Stop after 2 of 4 steps, resume: the losses equal an uninterrupted 4-step run."""
+    """Stop after 2 of 4 steps, resume: the losses equal an uninterrupted 4-step run, and
+    the gradient noise scale's moving averages continue from the checkpoint."""
     cfg = write_ds_config(tmp_path / "ds.json", zero_optimization={"stage": 1})
     full, part = tmp_path / "full", tmp_path / "part"
-    pretrain(tiny_data, full, cfg, "--max_steps", "4", "--dropout", "0")
-    pretrain(tiny_data, part, cfg, "--max_steps", "2", "--dropout", "0")
-    proc = pretrain(tiny_data, part, cfg, "--max_steps", "4", "--dropout", "0", "--resume", "auto")
+    flags = ("--dropout", "0", "--noise_scale_interval", "1")
+    pretrain(tiny_data, full, cfg, "--max_steps", "4", *flags)
+    pretrain(tiny_data, part, cfg, "--max_steps", "2", *flags)
+    proc = pretrain(tiny_data, part, cfg, "--max_steps", "4", *flags, "--resume", "auto")
     assert "resumed from step 2" in proc.stderr
     a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["samples"] for r in b] == [r["samples"] for r in a]
     assert [r["lr"] for r in b] == pytest.approx([r["lr"] for r in a], rel=1e-12)
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert [r["grad_sqnorm_small"] for r in b] == pytest.approx([r["grad_sqnorm_small"] for r in a], rel=1e-4)
+    # B_simple is a ratio of EMAs over all measurements so far: restarting them at step 3
+    # would give a different value there (the first estimate alone).
+    noise = lambda rows: [r.get("grad_noise_scale") for r in rows]  # noqa: E731
+    assert None not in noise(a) and noise(b) == pytest.approx(noise(a), rel=1e-3)
 
 
 def test_bf16_run(tiny_data, tmp_path):

@@ -29,11 +29,53 @@ class PretrainingLosses:
         return self.mlm_loss_sum / self.mlm_count.clamp(min=1) + self.nsp_loss_sum / self.nsp_count.clamp(min=1)
 
     def as_vector(self) -> torch.Tensor:
-        """All six statistics as one fp32 vector: one all-reduce sums them over ranks."""
-        return torch.stack([
-            self.mlm_loss_sum.detach().float(), self.mlm_count.float(), self.mlm_correct.float(),
-            self.nsp_loss_sum.detach().float(), self.nsp_count.float(), self.nsp_correct.float(),
-        ])
+        """All six statistics as one fp32 vector (in StepStats' field order): one
+        all-reduce sums them over ranks."""
+        return torch.stack([getattr(self, name).detach().float() for name in STAT_FIELDS])
+
+
+STAT_FIELDS = ("mlm_loss_sum", "mlm_count", "mlm_correct", "nsp_loss_sum", "nsp_count", "nsp_correct")
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """PretrainingLosses summed over many batches (a global batch, or a held-out set):
+    plain numbers, read by name."""
+
+    mlm_loss_sum: float
+    mlm_count: float
+    mlm_correct: float
+    nsp_loss_sum: float
+    nsp_count: float
+    nsp_correct: float
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor) -> "StepStats":
+        """From the sum of `PretrainingLosses.as_vector()`s."""
+        return cls(*(float(x) for x in vector.tolist()))
+
+    @property
+    def mlm_loss(self) -> float:
+        return self.mlm_loss_sum / max(self.mlm_count, 1.0)
+
+    @property
+    def mlm_acc(self) -> float:
+        return self.mlm_correct / max(self.mlm_count, 1.0)
+
+    @property
+    def nsp_loss(self) -> float:
+        return self.nsp_loss_sum / max(self.nsp_count, 1.0)
+
+    @property
+    def nsp_acc(self) -> float:
+        return self.nsp_correct / max(self.nsp_count, 1.0)
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """The metrics.jsonl fields: per-token MLM, per-sequence NSP, and their sum as `loss`."""
+        out = {"mlm_loss": self.mlm_loss, "mlm_acc": self.mlm_acc, "nsp_loss": self.nsp_loss, "nsp_acc": self.nsp_acc}
+        if not prefix:
+            out = {"loss": self.mlm_loss + self.nsp_loss, **out}
+        return {prefix + k: v for k, v in out.items()}
 
 
 class PretrainingModel(nn.Module):

@@ -6,7 +6,7 @@ assertion deep in engine start-up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lbllm.utils import UserError, read_json
@@ -18,27 +18,47 @@ class ConfigError(UserError):
 
 @dataclass
 class RunConfig:
+    """The arguments of one pretraining run; pretrain_bert.py's flags are generated from
+    these fields (lbllm.cli): name, default and help are written here only."""
+
     deepspeed_config: Path
+    """DeepSpeed JSON (batch, optimizer, schedule, ZeRO, precision)."""
     data_dir: Path
+    """Shards made by data_prep/create_shards.py."""
     output_dir: Path
-    tokenizer: Path | None = None  # default: <data_dir>/../tokenizer
-    model_config: str = "tiny"  # size name or BertConfig JSON path
-    max_steps: int | None = None  # steps to run now; default: the schedule's total_num_steps
+    """Gets metrics.jsonl, run.json, checkpoints/, phase_state.pt and final/ (HF format)."""
+    tokenizer: Path | None = None
+    """Tokenizer dir (default: DATA_DIR/../tokenizer)."""
+    model_config: str = "tiny"
+    """Size name (tiny|mini|small|medium|base|large) or a BertConfig JSON path."""
+    max_steps: int | None = None
+    """Optimizer steps to run (default: the schedule's total_num_steps)."""
     seed: int = 42
-    dropout: float | None = None  # None keeps BERT's 0.1
-    phase: int = 1
-    init_checkpoint: Path | None = None  # a phase-1 output dir: weights + optimizer moments
-    resume: str | None = None  # "auto": continue from the newest checkpoint in output_dir
-    save_interval: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    max_seq_length: int | None = None  # optional check against the shards
-    # "global": the step's loss is the sum over all masked tokens of the global batch divided
-    # by their number (Goyal et al. remark 3); "micro": mean of per-micro-batch means
-    # (NVIDIA's recipe), which weights tokens unequally when micro-batches differ.
-    loss_normalization: str = "global"
-    noise_scale_interval: int = 0  # measure the gradient noise scale every K steps (0: never)
-    eval_data: Path | None = None  # held-out shard set (create_shards.py --heldout_fraction -> DATA/heldout)
-    eval_interval_samples: int = 0  # evaluate every N consumed samples; 0: only after the last step
-    eval_batch_size: int | None = None  # sequences per evaluation forward (default: the micro-batch size)
+    """Seeds the model initialization and the order of the samples."""
+    dropout: float | None = None
+    """Hidden and attention dropout; 0 disables all dropout (default: BERT's 0.1)."""
+    phase: int = field(default=1, metadata={"choices": (1, 2)})
+    """1, or 2: continues from --init_checkpoint with a new schedule (You et al. 2020)."""
+    init_checkpoint: Path | None = None
+    """A finished phase-1 output dir: weights and optimizer moments; the schedule restarts."""
+    resume: str | None = field(default=None, metadata={"choices": ("auto",)})
+    """auto: continue from the newest checkpoint in output_dir."""
+    save_interval: int = 0
+    """Optimizer steps between checkpoints (0: only at the end)."""
+    max_seq_length: int | None = None
+    """Fail unless the shards have this sequence length."""
+    loss_normalization: str = field(default="global", metadata={"choices": ("global", "micro")})
+    """global: the sum over all masked tokens of the global batch divided by their number
+    (Goyal et al. remark 3); micro: the mean of micro-batch means (NVIDIA's recipe), which
+    weights tokens unequally when micro-batches differ."""
+    noise_scale_interval: int = 0
+    """Measure the gradient noise scale B_simple every K steps (0: never)."""
+    eval_data: Path | None = None
+    """Held-out shards (create_shards.py --heldout_fraction writes DATA_DIR/heldout): logs eval_mlm_loss/acc."""
+    eval_interval_samples: int = 0
+    """Evaluate every N consumed samples (0: only after the last step)."""
+    eval_batch_size: int | None = None
+    """Sequences per evaluation forward (default: the micro-batch size)."""
 
     def __post_init__(self) -> None:
         for name in ("deepspeed_config", "data_dir", "output_dir", "tokenizer", "init_checkpoint", "eval_data"):

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lbllm.data import PretrainingDataset
+from lbllm.model import StepStats
 
 
 def slice_bounds(num_samples: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -63,11 +64,5 @@ def evaluate_mlm(engine: Any, dataset: PretrainingDataset, batch_size: int, rank
         module.train(was_training)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)  # one small all-reduce; a host sync point
-    mlm_sum, mlm_count, mlm_correct, nsp_sum, nsp_count, nsp_correct = totals.tolist()
-    return {
-        "eval_mlm_loss": mlm_sum / max(mlm_count, 1.0),
-        "eval_mlm_acc": mlm_correct / max(mlm_count, 1.0),
-        "eval_nsp_loss": nsp_sum / max(nsp_count, 1.0),
-        "eval_nsp_acc": nsp_correct / max(nsp_count, 1.0),
-        "eval_samples": int(nsp_count),
-    }
+    stats = StepStats.from_vector(totals)
+    return {**stats.metrics(prefix="eval_"), "eval_samples": int(stats.nsp_count)}

@@ -1,10 +1,13 @@
 """The pretraining loop: one screen, one optimizer step per iteration.
 
-Set-up validates everything (config, data, tokenizer, model size vs sequence length)
-before DeepSpeed starts, so a bad run fails in seconds with one line. The loop itself:
-for each global step, every rank runs its gradient-accumulation micro-batches (its slice
-of the global batch, see lbllm.data.sampler), DeepSpeed reduces gradients and steps at
-the accumulation boundary, and rank 0 writes one metrics.jsonl record.
+`prepare` validates everything (config, data, tokenizer, model size vs sequence length)
+before DeepSpeed starts, so a bad run fails in seconds with one line. `Trainer.train` is
+build (engine, start-up log, run.json) -> restore (resume, or the phase hand-over) -> for
+each global step: `train_step` (every rank runs its gradient-accumulation micro-batches,
+its slice of the global batch, see lbllm.data.sampler; DeepSpeed reduces gradients and
+steps at the accumulation boundary) -> `record` (rank 0 writes one metrics.jsonl line)
+-> checkpoint when due -> finish (checkpoint, phase state, HF export). The next step's
+micro-batches are read while the current one computes (lbllm.train.prefetch).
 """
 from __future__ import annotations
 
@@ -18,9 +21,8 @@ import torch
 import torch.distributed as dist
 
 from lbllm.data import GlobalBatchSampler, PretrainingDataset
-from lbllm.model import PretrainingModel, build_bert_config, build_pretraining_model
+from lbllm.model import PretrainingModel, StepStats, build_bert_config, build_pretraining_model
 from lbllm.optim import describe_param_groups
-from lbllm.train.telemetry import GradientNoiseScale, sgd_noise_scale
 from lbllm.train import checkpoint as ckpt
 from lbllm.train.config import ConfigError, RunConfig, load_json_config
 from lbllm.train.engine import (
@@ -33,6 +35,8 @@ from lbllm.train.engine import (
 )
 from lbllm.train.eval import due, evaluate_mlm
 from lbllm.train.metrics import MetricsWriter
+from lbllm.train.prefetch import StepBatch, StepLoader
+from lbllm.train.telemetry import NoiseScaleMonitor, sgd_noise_scale
 from lbllm.utils import seed_everything, write_json_atomic
 
 @dataclass
@@ -86,77 +90,37 @@ class Trainer:
         self.run = setup.run
         self.rank = rank_from_env()
         self.is_main = self.rank == 0
+        self.step = 0  # optimizer steps done
+        self.consumed = 0  # samples consumed
 
     def _log(self, msg: str) -> None:
         if self.is_main:
             print(f"[lbllm] {msg}", file=sys.stderr, flush=True)
 
-    def _client_state(self, step: int, consumed: int, sampler: GlobalBatchSampler) -> dict:
-        return {"step": step, "consumed_samples": consumed, "phase": self.run.phase, "sampler": sampler.state_dict()}
+    # ---- build and restore ---------------------------------------------------------------
 
-    def _fetch_step(self, sampler: GlobalBatchSampler, batches) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of the next global step (their masks depend on the epoch)."""
-        micro = []
-        for _ in range(sampler.gradient_accumulation_steps):
-            indices = next(batches)
-            micro.append(self.s.dataset.get_batch(indices, epoch=sampler.epoch))
-        return micro
-
-    def _global_counts(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """Masked tokens and sequences in the whole global batch (all ranks, all micro-steps).
-
-        Needed before the first backward of the step, so it costs one 2-number all-reduce
-        per step (a host sync point) on top of the statistics' one.
-        """
-        counts = torch.tensor([sum(float(b["masked_lm_weights"].sum()) for b in micro),
-                               float(sum(b["input_ids"].shape[0] for b in micro))], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts)
-        return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
-
-    def _small_batch_sq_norm(self, engine: Any, batch: dict[str, torch.Tensor]) -> float:
-        """|G_small|^2: squared norm of one micro-batch's mean-loss gradient, averaged over
-        ranks (McCandlish et al. 2018, App. A). autograd.grad leaves .grad and DeepSpeed's
-        gradient hooks untouched; one extra forward/backward every noise_scale_interval steps."""
-        params = [p for p in engine.module.parameters() if p.requires_grad]
-        out = engine.module(**{k: v.to(engine.device) for k, v in batch.items()})
-        grads = torch.autograd.grad(out.mean_loss(), params)
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1).double().cpu()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sq)
-            sq /= dist.get_world_size()
-        return sq.item()
-
-    def _evaluate(self, engine: Any) -> dict:
-        ev = evaluate_mlm(engine, self.s.eval_dataset, self.run.eval_batch_size or self.s.resolved.layout.micro_batch_size,
-                          self.rank, self.s.resolved.layout.world_size)
-        self._log(f"held-out eval ({ev['eval_samples']} sequences): MLM loss {ev['eval_mlm_loss']:.4f} "
-                  f"acc {ev['eval_mlm_acc']:.4f} | NSP acc {ev['eval_nsp_acc']:.4f}")
-        return ev
-
-    def train(self) -> dict:
+    def build(self) -> None:
+        """Model and DeepSpeed engine; the start-up log and OUT/run.json say what runs."""
         s, run, layout = self.s, self.run, self.s.resolved.layout
         seed_everything(run.seed)
         configure_cpu_threads()
-        hf_model = build_pretraining_model(s.bert_config)
-        model = PretrainingModel(hf_model)
-        engine, opt = initialize(model, s.resolved)
-        ramp = s.resolved.batch_schedule
+        self.engine, self.opt = initialize(PretrainingModel(build_pretraining_model(s.bert_config)), s.resolved)
+        self.momentum = float(self.opt.param_groups[0].get("momentum", 0.0))  # SGD-type (LARS); 0 for Adam-type
+        self.noise = NoiseScaleMonitor(run.noise_scale_interval, s.resolved.zero_stage, layout.micro_batch_size)
+        n_params = sum(p.numel() for p in self.engine.module.parameters())
         self._log(
             f"phase {run.phase}: {s.resolved.optimizer_name} lr={s.resolved.peak_lr} | global batch "
             f"{layout.global_batch_size} = micro {layout.micro_batch_size} x accum "
             f"{layout.gradient_accumulation_steps} x world {layout.world_size} | ZeRO {s.resolved.zero_stage} | "
-            f"grad clip {engine.gradient_clipping()} | loss normalization {run.loss_normalization} | "
-            f"seq {s.dataset.seq_length} | {len(s.dataset)} samples | {s.max_steps} steps"
-        )
+            f"grad clip {self.engine.gradient_clipping()} | loss normalization {run.loss_normalization} | "
+            f"seq {s.dataset.seq_length} | {len(s.dataset)} samples | {s.max_steps} steps")
         if s.resolved.lr_scaling is not None:
             self._log("LR scaling: " + s.resolved.lr_scaling.describe(layout.global_batch_size))
-        if ramp is not None:
-            self._log("batch schedule: " + ramp.describe())
-        n_params = sum(p.numel() for p in hf_model.parameters())
-        self._log(f"model {run.model_config}: {n_params:,} parameters; "
-                  + describe_param_groups(opt.param_groups))
-
+        if s.resolved.batch_schedule is not None:
+            self._log("batch schedule: " + s.resolved.batch_schedule.describe())
+        self._log(f"model {run.model_config}: {n_params:,} parameters; " + describe_param_groups(self.opt.param_groups))
+        if run.noise_scale_interval > 0 and not self.noise.enabled:
+            self._log("gradient noise scale: not measured under ZeRO 3 (parameters are partitioned)")
         if self.is_main:  # what compare_runs.py and a reader of the run directory need to know
             run.output_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(run.output_dir / "run.json", {
@@ -171,130 +135,163 @@ class Trainer:
                     None if run.init_checkpoint is None else str(run.init_checkpoint),
             })
 
-        start_step, consumed, sampler_state = 0, 0, None
+    def restore(self) -> GlobalBatchSampler:
+        """Resume (`--resume auto`), or take weights and moments from phase 1; the sampler
+        continues at the next unseen sample."""
+        run, layout = self.run, self.s.resolved.layout
+        sampler_state = None
         if run.resume == "auto" and ckpt.has_checkpoint(run.output_dir):
-            state = ckpt.resume(engine, run.output_dir)
-            start_step, consumed = int(state["step"]), int(state["consumed_samples"])
+            state = ckpt.resume(self.engine, run.output_dir)
+            self.step, self.consumed = int(state["step"]), int(state["consumed_samples"])
             sampler_state = state.get("sampler")
-            self._log(f"resumed from step {start_step} ({consumed} samples consumed)")
+            if "noise_scale" in state:
+                self.noise.load_state_dict(state["noise_scale"])
+            self._log(f"resumed from step {self.step} ({self.consumed} samples consumed)")
         elif run.init_checkpoint is not None:
-            ckpt.init_from_previous_phase(engine, run.init_checkpoint, s.resolved.zero_stage)
+            ckpt.init_from_previous_phase(self.engine, run.init_checkpoint, self.s.resolved.zero_stage)
             self._log(f"initialized weights and optimizer moments from {run.init_checkpoint}; step count and schedule restart")
-
         sampler = GlobalBatchSampler(
-            num_samples=len(s.dataset), global_batch_size=layout.global_batch_size,
+            num_samples=len(self.s.dataset), global_batch_size=layout.global_batch_size,
             micro_batch_size=layout.micro_batch_size, world_size=layout.world_size,
-            rank=self.rank, seed=run.seed, consumed_samples=0 if sampler_state else consumed,
-        )
+            rank=self.rank, seed=run.seed, consumed_samples=0 if sampler_state else self.consumed)
         if sampler_state:  # exact position, also across batch-size changes and world sizes
             sampler.load_state_dict(sampler_state)
-        batches = iter(sampler)
-        noise = GradientNoiseScale()
-        measure_noise = run.noise_scale_interval > 0 and s.resolved.zero_stage < 3
-        if run.noise_scale_interval > 0 and not measure_noise:
-            self._log("gradient noise scale: not measured under ZeRO 3 (parameters are partitioned)")
-        momentum = float(opt.param_groups[0].get("momentum", 0.0))  # SGD-type momentum (LARS); 0 for Adam-type
+        return sampler
+
+    def batch_size_at(self, step: int) -> int:
+        ramp = self.s.resolved.batch_schedule
+        return ramp.batch_at(step) if ramp is not None else self.s.resolved.layout.global_batch_size
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def _global_counts(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """Masked tokens and sequences in the whole global batch (all ranks, all micro-steps).
+
+        Needed before the first backward of the step, so it costs one 2-number all-reduce
+        per step (a host sync point) on top of the statistics' one.
+        """
+        counts = torch.tensor([sum(float(b["masked_lm_weights"].sum()) for b in micro),
+                               float(sum(b["input_ids"].shape[0] for b in micro))], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+
+    def train_step(self, b: StepBatch, measure_noise: bool = False) -> tuple[StepStats, dict[str, float]]:
+        """One optimizer step over this rank's micro-batches. Returns the global batch's
+        summed statistics and the gradient norm (and, when measuring, the noise-scale
+        fields) for metrics.jsonl."""
+        engine, world, micro = self.engine, self.s.resolved.layout.world_size, b.micro
+        sq_small = self.noise.small_batch_sq_norm(engine, micro[0]) if measure_noise else None
+        if self.run.loss_normalization == "global":
+            n_tokens, n_seqs = self._global_counts(micro)
+            # DeepSpeed divides the loss by the accumulation steps and averages gradients
+            # over ranks; undo both so the step's gradient is d(sum of losses / count).
+            scale = float(len(micro) * world)
+        totals, sq_big = torch.zeros(6), None
+        for i, batch in enumerate(micro):
+            out = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in batch.items()})
+            if self.run.loss_normalization == "global":
+                loss = (out.mlm_loss_sum / n_tokens + out.nsp_loss_sum / n_seqs) * scale
+            else:
+                loss = out.mean_loss()
+            engine.backward(loss)
+            if sq_small is not None and i == len(micro) - 1 and self.s.resolved.zero_stage == 0:
+                # Without ZeRO DeepSpeed does not keep the global gradient norm; the
+                # gradients are all-reduced by now, so take it before the step.
+                sq_big = float(sum(p.grad.float().pow(2).sum() for p in engine.module.parameters()
+                                   if p.grad is not None))
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            totals += out.as_vector().cpu()
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(totals)  # one small all-reduce per step; a host sync point
+        grad_norm = engine.get_global_grad_norm()
+        extra = {} if grad_norm is None else {"grad_norm": float(grad_norm)}
+        if sq_small is not None and (sq_big is not None or grad_norm is not None):
+            sq_big = float(grad_norm) ** 2 if sq_big is None else sq_big
+            # McCandlish et al. 2018: B_simple = tr(Sigma) / |G|^2 from the two batch sizes.
+            extra.update(self.noise.update(sq_small, b.global_batch_size, sq_big))
+        return StepStats.from_vector(totals), extra
+
+    def record(self, b: StepBatch, stats: StepStats, extra: dict, lr: float, seconds: float) -> dict:
+        """One metrics.jsonl record (held-out evaluation included when due)."""
+        run, s = self.run, self.s
+        row = {"step": self.step, **stats.metrics(), "lr": lr, "global_batch_size": b.global_batch_size,
+               "samples": self.consumed, "epoch": b.epoch, "seq_per_s": b.global_batch_size / seconds,
+               "step_time_s": seconds, "phase": run.phase,
+               # Smith et al. 2018: the SGD noise scale g = lr N / (B (1 - m)).
+               "sgd_noise_scale": sgd_noise_scale(lr, len(s.dataset), b.global_batch_size, self.momentum), **extra}
+        if s.eval_dataset is not None and (self.step == s.max_steps or due(
+                self.consumed - b.global_batch_size, self.consumed, run.eval_interval_samples)):
+            row.update(self._evaluate())
+        return row
+
+    def _evaluate(self) -> dict:
+        ev = evaluate_mlm(self.engine, self.s.eval_dataset, self.run.eval_batch_size or self.s.resolved.layout.micro_batch_size,
+                          self.rank, self.s.resolved.layout.world_size)
+        self._log(f"held-out eval ({ev['eval_samples']} sequences): MLM loss {ev['eval_mlm_loss']:.4f} "
+                  f"acc {ev['eval_mlm_acc']:.4f} | NSP acc {ev['eval_nsp_acc']:.4f}")
+        return ev
+
+    def _save(self, sampler_state: dict) -> str:
+        return ckpt.save_checkpoint(self.engine, self.run.output_dir, self.step, {
+            "step": self.step, "consumed_samples": self.consumed, "phase": self.run.phase,
+            "sampler": sampler_state, "noise_scale": self.noise.state_dict()})
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        run, s = self.run, self.s
+        self.build()
+        sampler = self.restore()
         metrics = MetricsWriter(run.output_dir / "metrics.jsonl", enabled=self.is_main,
-                                resume_step=start_step if start_step > 0 else None)
-        progress = None
-        if self.is_main:
-            from tqdm import tqdm
-            progress = tqdm(total=s.max_steps, initial=start_step, desc=f"phase {run.phase}", file=sys.stderr,
-                            dynamic_ncols=True, mininterval=2.0)
-
-        step, last = start_step, {}
-        t_start = time.perf_counter()
-        while step < s.max_steps:
-            t0 = time.perf_counter()
-            batch_size = ramp.batch_at(step + 1) if ramp is not None else layout.global_batch_size
-            if batch_size != sampler.global_batch_size or batch_size != engine.train_batch_size():
-                # Smith et al. 2018: a larger batch through more accumulation steps; the
-                # sampler continues the same epoch permutation with the new step size.
-                engine.set_train_batch_size(batch_size)
-                sampler.set_global_batch_size(batch_size)
-                self._log(f"step {step + 1}: global batch {batch_size} (accumulation {sampler.gradient_accumulation_steps})")
-            lr = opt.param_groups[0]["lr"]  # the LR this update uses (the scheduler moves it after)
-            micro = self._fetch_step(sampler, batches)
-            sq_small = None
-            if measure_noise and (step + 1) % run.noise_scale_interval == 0:
-                sq_small = self._small_batch_sq_norm(engine, micro[0])
-            if run.loss_normalization == "global":
-                n_tokens, n_seqs = self._global_counts(micro)
-                # DeepSpeed divides the loss by the accumulation steps and averages gradients
-                # over ranks; undo both so the step's gradient is d(sum of losses / count).
-                scale = float(sampler.gradient_accumulation_steps * layout.world_size)
-            stats = torch.zeros(6)
-            sq_big = None
-            for i, batch in enumerate(micro):
-                out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-                if run.loss_normalization == "global":
-                    loss = (out.mlm_loss_sum / n_tokens + out.nsp_loss_sum / n_seqs) * scale
-                else:
-                    loss = out.mean_loss()
-                engine.backward(loss)
-                if sq_small is not None and i == len(micro) - 1 and s.resolved.zero_stage == 0:
-                    # Without ZeRO DeepSpeed does not keep the global gradient norm; the
-                    # gradients are all-reduced by now, so take it before the step.
-                    sq_big = float(sum(p.grad.float().pow(2).sum() for p in engine.module.parameters()
-                                       if p.grad is not None))
-                engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-                stats += out.as_vector().cpu()
-            if dist.is_initialized() and layout.world_size > 1:
-                dist.all_reduce(stats)  # one small all-reduce per step; a host sync point
-            step += 1
-            consumed += batch_size
-            dt = time.perf_counter() - t0
-            mlm_loss = stats[0].item() / max(stats[1].item(), 1)
-            nsp_loss = stats[3].item() / max(stats[4].item(), 1)
-            last = {
-                "step": step,
-                "loss": mlm_loss + nsp_loss,
-                "mlm_loss": mlm_loss,
-                "mlm_acc": stats[2].item() / max(stats[1].item(), 1),
-                "nsp_loss": nsp_loss,
-                "nsp_acc": stats[5].item() / max(stats[4].item(), 1),
-                "lr": lr,
-                "global_batch_size": batch_size,
-                "samples": consumed,
-                "epoch": sampler.epoch,
-                "seq_per_s": batch_size / dt,
-                "step_time_s": dt,
-                "phase": run.phase,
-                # Smith et al. 2018: the SGD noise scale g = lr N / (B (1 - m)).
-                "sgd_noise_scale": sgd_noise_scale(lr, len(s.dataset), batch_size, momentum),
-            }
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
-                sq_big = float(grad_norm) ** 2 if sq_big is None else sq_big
-            if sq_small is not None and sq_big is not None:
-                # McCandlish et al. 2018: B_simple = tr(Sigma) / |G|^2 from the two batch sizes.
-                b_simple = noise.update(layout.micro_batch_size, sq_small, batch_size, sq_big)
-                last["grad_sqnorm_small"], last["grad_sqnorm_big"] = sq_small, sq_big
-                if b_simple is not None:
-                    last["grad_noise_scale"] = b_simple
-            if s.eval_dataset is not None and (step == s.max_steps or due(consumed - batch_size, consumed,
-                                                                          run.eval_interval_samples)):
-                last.update(self._evaluate(engine))
-            metrics.write(last)
+                                resume_step=self.step if self.step > 0 else None)
+        sampler_state = sampler.state_dict()  # before the loader starts moving the sampler ahead
+        loader = StepLoader(s.dataset, sampler, self.batch_size_at, self.step + 1, s.max_steps,
+                            pin_memory=self.engine.device.type == "cuda")
+        progress = _progress_bar(s.max_steps, self.step, run.phase) if self.is_main else None
+        last, t_start = {}, time.perf_counter()
+        try:
+            while self.step < s.max_steps:
+                t0 = time.perf_counter()
+                b = loader.next_step()
+                if b.global_batch_size != self.engine.train_batch_size():
+                    self.engine.set_train_batch_size(b.global_batch_size)
+                    self._log(f"step {b.step}: global batch {b.global_batch_size} (accumulation {len(b.micro)})")
+                lr = self.opt.param_groups[0]["lr"]  # the LR this update uses (the scheduler moves it after)
+                stats, extra = self.train_step(b, measure_noise=self.noise.due(b.step))
+                self.step, self.consumed, sampler_state = b.step, self.consumed + b.global_batch_size, b.sampler_state
+                last = self.record(b, stats, extra, lr, time.perf_counter() - t0)
+                metrics.write(last)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+                if run.save_interval and self.step % run.save_interval == 0 and self.step < s.max_steps:
+                    self._save(sampler_state)
+        finally:
+            loader.close()
             if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
-            if run.save_interval and step % run.save_interval == 0 and step < s.max_steps:
-                ckpt.save_checkpoint(engine, run.output_dir, step, self._client_state(step, consumed, sampler))
-        if progress is not None:
-            progress.close()
-        metrics.close()
-
-        tag = ckpt.save_checkpoint(engine, run.output_dir, step, self._client_state(step, consumed, sampler))
-        ckpt.save_phase_state(engine, run.output_dir, s.resolved.zero_stage)  # what phase 2 starts from
-        state = ckpt.fp32_module_state_dict(engine, run.output_dir, tag, s.resolved.zero_stage)
-        if state is not None:
-            ckpt.export_hf(state, build_pretraining_model(s.bert_config), s.tokenizer, run.output_dir / "final")
-        if dist.is_initialized():
-            dist.barrier()
-        wall = time.perf_counter() - t_start
-        self._log(f"done: {step} steps in {wall:.1f}s; final loss {last.get('loss', float('nan')):.4f}; "
-                  f"model in {run.output_dir / 'final'}")
+                progress.close()
+            metrics.close()
+        self.finish(sampler_state)
+        self._log(f"done: {self.step} steps in {time.perf_counter() - t_start:.1f}s; final loss "
+                  f"{last.get('loss', float('nan')):.4f}; model in {run.output_dir / 'final'}")
         return last
 
+    def finish(self, sampler_state: dict) -> None:
+        """The last checkpoint, the phase state phase 2 starts from, and the HF export."""
+        tag = self._save(sampler_state)
+        zero_stage = self.s.resolved.zero_stage
+        ckpt.save_phase_state(self.engine, self.run.output_dir, zero_stage)
+        state = ckpt.fp32_module_state_dict(self.engine, self.run.output_dir, tag, zero_stage)
+        if state is not None:
+            ckpt.export_hf(state, build_pretraining_model(self.s.bert_config), self.s.tokenizer,
+                           self.run.output_dir / "final")
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def _progress_bar(total: int, initial: int, phase: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"phase {phase}", file=sys.stderr, dynamic_ncols=True,
+                mininterval=2.0)
