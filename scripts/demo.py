@@ -225,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--squad_seeds", default="1,2,3")
     p.add_argument("--squad_epochs", type=float, default=3)
     p.add_argument("--squad_lr", type=float, default=1e-3)
-    p.add_argument("--squad_batch_size", type=int, default=16)
+    p.add_argument("--squad_batch_size", type=int, default=8,
+                   help="fine-tuning windows per step; 8 chosen from the grid in docs/demo_squad_settings.md")
     p.add_argument("--squad_doc_stride", type=int, default=32)
     return p.parse_args(argv)
 

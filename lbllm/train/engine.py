@@ -27,7 +27,7 @@ from lbllm.schedules import (
     parse_lr_scaling,
 )
 from lbllm.train.config import BatchLayout, ConfigError, resolve_batch_layout
-from lbllm.utils import free_port
+from lbllm.utils import UserError, free_port
 
 # DeepSpeed's own optimizer and schedule names (kept here so they are validated before
 # DeepSpeed starts; importing deepspeed.runtime.config is cheap once deepspeed is loaded).
@@ -107,12 +107,8 @@ def check_layerwise_support(ds: dict, source: str, name: str) -> None:
                           "DeepSpeed flattens each param group and per-layer trust ratios would be lost)")
 
 
-def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
-    """Validate a DeepSpeed config and pull out the project-built optimizer and schedule."""
-    ds = copy.deepcopy(raw)
-    # Project sections, not DeepSpeed's: taken out before DeepSpeed sees the config.
-    lr_scaling = parse_lr_scaling(ds.pop("lr_scaling", None), source)
-    batch_schedule = parse_batch_schedule(ds.pop("batch_schedule", None), source)
+def _resolve_batch(ds: dict, world_size: int, source: str, batch_schedule: BatchSchedule | None) -> BatchLayout:
+    """The batch layout (all three of DeepSpeed's batch keys written back), and the ramp's start."""
     layout = resolve_batch_layout(ds, world_size, source)
     if batch_schedule is not None:
         batch_schedule.validate(layout.micro_batch_size, world_size, source)
@@ -122,11 +118,12 @@ def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
     ds["train_batch_size"] = layout.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = layout.micro_batch_size
     ds["gradient_accumulation_steps"] = layout.gradient_accumulation_steps
+    return layout
 
-    opt = ds.get("optimizer")
-    if not isinstance(opt, dict) or "type" not in opt:
-        raise ConfigError(f"{source}: needs an \"optimizer\": {{\"type\": ..., \"params\": {{...}}}} section")
-    name, params = opt["type"], dict(opt.get("params", {}))
+
+def _resolve_lr(opt: dict, layout: BatchLayout, lr_scaling: LRScaling | None, source: str) -> dict:
+    """optimizer.params with the LR the scaling rule gives, when there is one."""
+    params = dict(opt.get("params", {}))
     if lr_scaling is not None:
         # The rule fixes the LR at the starting batch (a batch ramp then keeps it, as in
         # Smith et al.); a config that also states a different lr is contradictory.
@@ -136,49 +133,71 @@ def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
                               f"{lr:.6g} at batch {layout.global_batch_size}; remove one of them")
         params["lr"] = lr
         opt["params"] = {**opt.get("params", {}), "lr": lr}
+    return params
+
+
+def _resolve_optimizer(ds: dict, params: dict, source: str) -> tuple[str, bool]:
+    """(optimizer name, whether the project builds it). A project optimizer leaves the
+    config (DeepSpeed gets the object); a DeepSpeed one stays in it."""
+    name = ds["optimizer"]["type"]
     try:
         record = get_optimizer_record(name)
-    except ValueError:
+    except UserError:
         record = None
-    if record is not None:
-        project_optimizer = True
-        name = record.name
-        valid = record.valid_kwargs()
-        unknown = sorted(set(params) - valid) if valid is not None else []
-        if unknown:
-            raise ConfigError(
-                f"{source}: optimizer.params has unknown key(s) {', '.join(unknown)} for {name}; "
-                f"valid keys: {', '.join(sorted(valid))}"
-            )
-        del ds["optimizer"]
-        check_layerwise_support(ds, source, name)
-        # DeepSpeed only wraps optimizers it knows unless told the client one is fine;
-        # lbllm/optim/zero.py makes LAMB/LARS exact under ZeRO 1 and 2.
-        ds["zero_allow_untested_optimizer"] = True
-    elif name.lower() in _DS_OPTIMIZERS:
-        project_optimizer = False
-    else:
+    if record is None:
+        if name.lower() in _DS_OPTIMIZERS:
+            return name, False
         raise ConfigError(
             f"{source}: optimizer.type {name!r} is unknown; project optimizers: {', '.join(list_optimizers())}; "
-            f"DeepSpeed optimizers: {', '.join(_DS_OPTIMIZERS)}"
-        )
+            f"DeepSpeed optimizers: {', '.join(_DS_OPTIMIZERS)}")
+    valid = record.valid_kwargs()
+    unknown = sorted(set(params) - valid) if valid is not None else []
+    if unknown:
+        raise ConfigError(f"{source}: optimizer.params has unknown key(s) {', '.join(unknown)} for {record.name}; "
+                          f"valid keys: {', '.join(sorted(valid))}")
+    del ds["optimizer"]
+    check_layerwise_support(ds, source, record.name)
+    # DeepSpeed only wraps optimizers it knows unless told the client one is fine;
+    # lbllm/optim/zero.py makes LAMB/LARS exact under ZeRO 1, 2 and 3.
+    ds["zero_allow_untested_optimizer"] = True
+    return record.name, True
 
-    factory, total = None, None
+
+def _resolve_scheduler(ds: dict, source: str) -> tuple[Callable | None, int | None]:
+    """(project schedule factory or None, the schedule's total_num_steps if it states one)."""
     sched = ds.get("scheduler")
-    if sched is not None:
-        if not isinstance(sched, dict) or "type" not in sched:
-            raise ConfigError(f"{source}: scheduler section needs a \"type\"")
-        sparams = sched.get("params", {})
-        total = sparams.get("total_num_steps")
-        if is_project_schedule(sched["type"]):
-            factory = build_scheduler(sched["type"], sparams, source=source)
-            del ds["scheduler"]
-        elif sched["type"] not in _DS_SCHEDULES:
-            raise ConfigError(
-                f"{source}: scheduler.type {sched['type']!r} is unknown; project schedules: "
-                f"{', '.join(list_schedules())}; DeepSpeed schedules: {', '.join(_DS_SCHEDULES)}"
-            )
-    return ResolvedConfig(ds, layout, name, params, project_optimizer, factory, total, lr_scaling, batch_schedule)
+    if sched is None:
+        return None, None
+    if not isinstance(sched, dict) or "type" not in sched:
+        raise ConfigError(f"{source}: scheduler section needs a \"type\"")
+    sparams = sched.get("params", {})
+    total = sparams.get("total_num_steps")
+    if is_project_schedule(sched["type"]):
+        del ds["scheduler"]
+        return build_scheduler(sched["type"], sparams, source=source), total
+    if sched["type"] not in _DS_SCHEDULES:
+        raise ConfigError(f"{source}: scheduler.type {sched['type']!r} is unknown; project schedules: "
+                          f"{', '.join(list_schedules())}; DeepSpeed schedules: {', '.join(_DS_SCHEDULES)}")
+    return None, total
+
+
+def resolve_config(raw: dict, world_size: int, source: str) -> ResolvedConfig:
+    """Validate a DeepSpeed config and pull out the project-built optimizer and schedule:
+    one parser per section (project sections, batch, optimizer LR, optimizer, scheduler)."""
+    ds = copy.deepcopy(raw)
+    # Project sections, not DeepSpeed's: taken out before DeepSpeed sees the config.
+    lr_scaling = parse_lr_scaling(ds.pop("lr_scaling", None), source)
+    batch_schedule = parse_batch_schedule(ds.pop("batch_schedule", None), source)
+    layout = _resolve_batch(ds, world_size, source, batch_schedule)
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or "type" not in opt:
+        raise ConfigError(f"{source}: needs an \"optimizer\": {{\"type\": ..., \"params\": {{...}}}} section")
+    params = _resolve_lr(opt, layout, lr_scaling, source)
+    name, project_optimizer = _resolve_optimizer(ds, params, source)
+    factory, total = _resolve_scheduler(ds, source)
+    return ResolvedConfig(ds_config=ds, layout=layout, optimizer_name=name, optimizer_params=params,
+                          project_optimizer=project_optimizer, scheduler_factory=factory, total_num_steps=total,
+                          lr_scaling=lr_scaling, batch_schedule=batch_schedule)
 
 
 def build_optimizer(model: torch.nn.Module, resolved: ResolvedConfig) -> torch.optim.Optimizer | None:
