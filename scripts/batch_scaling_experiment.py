@@ -205,6 +205,7 @@ class Experiment(Demo):
 
     def has_data(self) -> bool:
         return ((self.data / "shards_128" / "manifest.json").is_file()
+                and (self.data / "shards_128" / "heldout" / "manifest.json").is_file()
                 and (self.data / "tokenizer" / "tokenizer_config.json").is_file()
                 and (self.data / "squad" / "dev.json").is_file())
 
@@ -223,7 +224,7 @@ class Experiment(Demo):
         self.sh("create seq-128 shards", [
             sys.executable, "data_prep/create_shards.py", "--input", *corpus, "--tokenizer", self.data / "tokenizer",
             "--max_seq_length", "128", "--max_predictions_per_seq", "20", "--dupe_factor", "1",
-            "--workers", "2", "--seed", str(self.a.seed), "--out", self.data / "shards_128"])
+            "--workers", "2", "--seed", str(self.a.seed), "--heldout_fraction", "0.05", "--out", self.data / "shards_128"])
 
     def main(self) -> None:
         self.prepare_data()
@@ -274,7 +275,10 @@ class Experiment(Demo):
         print(table)
 
     def pretrain(self, config: str, data_dir: Path, out: Path, extra: list[str] = (), world: int = 2) -> float:
-        """One pretraining run of this experiment (config relative to ds_configs/)."""
+        """One pretraining run of this experiment (config relative to ds_configs/), evaluated
+        on the data's held-out set (after the last step) when it has one."""
+        if (data_dir / "heldout" / "manifest.json").is_file():
+            extra = [*extra, "--eval_data", data_dir / "heldout"]
         deepspeed = str(Path(PY).parent / "deepspeed")
         launcher = [deepspeed, "--num_gpus", str(world), "--master_port", str(free_port())] if world > 1 else [PY]
         cmd = [*launcher, "pretrain_bert.py", "--deepspeed_config", f"ds_configs/{config}", "--data_dir", data_dir,
@@ -327,19 +331,27 @@ class Experiment(Demo):
 
 
 def summarize(metrics_path: Path) -> dict:
-    """Steps, batch and a final training-batch MLM loss averaged over the last 10% of the
-    run's samples (weighted by batch). Training-batch figures: the study of issue 12
-    replaces them with the held-out evaluation."""
+    """Steps, batch and the final MLM loss / accuracy: on the held-out set after the last
+    step when the run evaluated one (`mlm_source` "held-out"), else, labelled as such, the
+    training-batch average over the last 10% of the samples (weighted by batch)."""
     rows = read_jsonl(metrics_path)
     total = rows[-1]["samples"]
     tail = [r for r in rows if r["samples"] > 0.9 * total] or rows[-1:]
     weight = sum(r["global_batch_size"] for r in tail)
+    heldout = next((r for r in reversed(rows) if "eval_mlm_loss" in r), None)
+    if heldout is not None:
+        loss, acc, source = heldout["eval_mlm_loss"], heldout["eval_mlm_acc"], "held-out"
+    else:
+        loss = sum(r["mlm_loss"] * r["global_batch_size"] for r in tail) / weight
+        acc = sum(r["mlm_acc"] * r["global_batch_size"] for r in tail) / weight
+        source = "training batches (no held-out set)"
     return {
         "steps": rows[-1]["step"],
         "global_batch_size": rows[-1]["global_batch_size"],
         "samples": total,
-        "final_mlm_loss": sum(r["mlm_loss"] * r["global_batch_size"] for r in tail) / weight,
-        "final_mlm_acc": sum(r["mlm_acc"] * r["global_batch_size"] for r in tail) / weight,
+        "final_mlm_loss": loss,
+        "final_mlm_acc": acc,
+        "mlm_source": source,
         "peak_lr": max(r["lr"] for r in rows),
         "seq_per_s": sum(r["global_batch_size"] for r in rows) / sum(r["step_time_s"] for r in rows),
     }
@@ -354,6 +366,9 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 def render_table(runs: list[dict]) -> str:
     head = ("| run | optimizer | global batch | lr (rule) | warmup steps | optimizer steps | wall time (loop) "
             "| final MLM loss | MLM acc | B_simple at end | SQuAD EM | SQuAD F1 |")
+    sources = {r["summary"]["mlm_source"] for r in runs if r["summary"]}
+    if sources:
+        head = head.replace("final MLM loss", f"final MLM loss ({' / '.join(sorted(sources))})")
     lines = [head, "|---" * 12 + "|"]
     for r in runs:
         s, q = r["summary"], r["squad"] or {}
@@ -429,6 +444,9 @@ def plot(out: Path, runs: list[dict], png: Path) -> bool:
             smooth.append(sum(loss[j] * wj for j, wj in zip(range(lo, i + 1), w)) / sum(w))
         axes[0].plot(x, loss, color=c, alpha=0.2, lw=0.8)
         axes[0].plot(x, smooth, color=c, lw=1.8, label=label, marker="o" if len(rows) < 40 else None, ms=3)
+        heldout = [(row["samples"], row["eval_mlm_loss"]) for row in rows if "eval_mlm_loss" in row]
+        if heldout:  # the held-out evaluation after the last step: the figure the table reports
+            axes[0].plot(*zip(*heldout), color=c, marker="*", ms=11, ls="none")
         axes[1].step(x, [row["lr"] for row in rows], where="post", color=c, lw=1.5, label=label)
         noise = [(row["samples"] - row["global_batch_size"], row["grad_noise_scale"]) for row in rows if row.get("grad_noise_scale") is not None]
         if noise:
@@ -437,7 +455,7 @@ def plot(out: Path, runs: list[dict], png: Path) -> bool:
         small = min(batches) if small is None else min(small, min(batches))
         large = max(batches) if large is None else max(large, max(batches))
     axes[0].set(xlabel="samples seen", ylabel="MLM loss (train batch, before the update)",
-                title="MLM loss vs samples (faint: per step; bold: running mean)")
+                title="MLM loss vs samples (faint: per step; bold: running mean; star: held-out)")
     axes[1].set(xlabel="samples seen", ylabel="learning rate", yscale="log", title="LR vs samples")
     axes[2].set(xlabel="samples seen", ylabel="B_simple (sequences)", yscale="log",
                 title="measured gradient noise scale")

@@ -105,3 +105,16 @@ def test_smoke_run_writes_table_json_and_plot(tiny_data, tmp_path):
     (out / "results.md").unlink()
     run_cli(sys.executable, "scripts/batch_scaling_experiment.py", "--report_only", "--out", out)
     assert (out / "results.md").read_text() == table
+
+
+def test_summary_reads_the_heldout_evaluation_not_the_training_batches(tmp_path):
+    rows = [{"step": s, "samples": 32 * s, "global_batch_size": 32, "mlm_loss": 9.0 - s, "mlm_acc": 0.1 * s,
+             "lr": 1e-3, "step_time_s": 0.1} for s in range(1, 11)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = exp.summarize(path)
+    assert train["mlm_source"].startswith("training batches") and train["final_mlm_loss"] == pytest.approx(-1.0)
+    rows[-1].update(eval_mlm_loss=3.5, eval_mlm_acc=0.4)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = exp.summarize(path)
+    assert (held["mlm_source"], held["final_mlm_loss"], held["final_mlm_acc"]) == ("held-out", 3.5, 0.4)

@@ -58,7 +58,8 @@ from torch import Tensor
 
 from .param_groups import LayerwiseOptimizer
 
-__all__ = ["ZeroSegments", "ZeroLayerwiseMixin", "attach_zero_partition_info", "zero3_segments", "zero_segments"]
+__all__ = ["ZeroSegments", "ZeroLayerwiseMixin", "attach_zero_partition_info", "flat_partitions", "relink_optimizer_state",
+           "zero3_segments", "zero_optimizer", "zero_segments"]
 
 
 @dataclass
@@ -225,12 +226,31 @@ def _zero_class(cls: type) -> type:
     return _ZERO_CLASSES[cls]
 
 
-def _zero_optimizer(engine: Any) -> Any:
+def zero_optimizer(engine: Any) -> Any:
+    """DeepSpeed's ZeRO optimizer wrapper of `engine` (stage 1, 2 or 3), or None without ZeRO."""
     opt = getattr(engine, "optimizer", engine)
     while opt is not None and not hasattr(opt, "single_partition_of_fp32_groups") \
             and not hasattr(opt, "fp32_partitioned_groups_flat"):
         opt = getattr(opt, "optimizer", None)
     return opt
+
+
+def flat_partitions(engine: Any) -> list[Tensor]:
+    """This rank's flat fp32 partitions, the tensors the base optimizer steps (empty without ZeRO)."""
+    zopt = zero_optimizer(engine)
+    if zopt is None:
+        return []
+    return list(getattr(zopt, "single_partition_of_fp32_groups", None) or zopt.fp32_partitioned_groups_flat)
+
+
+def relink_optimizer_state(engine: Any) -> None:
+    """ZeRO 1/2 map each parameter to its optimizer-state fragments once, lazily, which can
+    happen before the state exists; redo it so DeepSpeed's safe_*_full_optimizer_state see
+    the state (after loading moments into the partitions)."""
+    zopt = zero_optimizer(engine)
+    if zopt is not None and hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):
+        zopt._hp_optimizer_states_linked = False
+        zopt._lazy_init_hp_params_optimizer_state()
 
 
 def zero3_segments(param_numels: Sequence[int], partition_numels: Sequence[int],
@@ -299,7 +319,7 @@ def attach_zero_partition_info(engine: Any) -> LayerwiseOptimizer | None:
     Call once, after ``deepspeed.initialize``. A no-op when ZeRO is off or the base
     optimizer is not a ``LayerwiseOptimizer``.
     """
-    zero_opt = _zero_optimizer(engine)
+    zero_opt = zero_optimizer(engine)
     if zero_opt is None:
         return None
     base = zero_opt.optimizer

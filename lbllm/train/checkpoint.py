@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from lbllm.train.config import ConfigError
 from lbllm.train.engine import base_optimizer
+from lbllm.optim.zero import flat_partitions, relink_optimizer_state
 from lbllm.utils import make_temp_dir, publish_directory
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -67,27 +68,6 @@ def resume(engine: Any, output_dir: Path) -> dict:
     return _load(engine, Path(output_dir) / CHECKPOINT_SUBDIR, load_lr_scheduler_states=True)
 
 
-def _zero_flats(engine: Any) -> list[torch.Tensor]:
-    """The flat fp32 partitions the base optimizer steps (empty without ZeRO)."""
-    from lbllm.optim.zero import _zero_optimizer
-
-    zopt = _zero_optimizer(engine)
-    if zopt is None:
-        return []
-    return list(getattr(zopt, "single_partition_of_fp32_groups", None) or zopt.fp32_partitioned_groups_flat)
-
-
-def _relink_optimizer_state(engine: Any) -> None:
-    """ZeRO 1/2 map each parameter to its optimizer-state fragments once, lazily, which can
-    happen before the state exists; redo it so safe_*_full_optimizer_state see the state."""
-    from lbllm.optim.zero import _zero_optimizer
-
-    zopt = _zero_optimizer(engine)
-    if zopt is not None and hasattr(zopt, "_lazy_init_hp_params_optimizer_state"):
-        zopt._hp_optimizer_states_linked = False
-        zopt._lazy_init_hp_params_optimizer_state()
-
-
 def _state_keys(opt: torch.optim.Optimizer) -> list[str]:
     for state in opt.state.values():
         return sorted(k for k, v in state.items() if torch.is_tensor(v) and k != "step" and v.dim() > 0)
@@ -104,7 +84,7 @@ def save_phase_state(engine: Any, output_dir: Path, zero_stage: int) -> None:
     opt = base_optimizer(engine)
     keys = _state_keys(opt)
     if zero_stage > 0:
-        _relink_optimizer_state(engine)
+        relink_optimizer_state(engine)
     weights, moments = {}, {k: {} for k in keys}
     for name, p in engine.module.named_parameters():
         if zero_stage == 0:
@@ -165,7 +145,7 @@ def _load_phase_state(engine: Any, opt: torch.optim.Optimizer, path: Path, zero_
         raise ConfigError(f"{path}: parameters do not match this model (missing {missing[:3]}, unexpected {extra[:3]}); "
                           "use the same --model_config as phase 1")
     # The optimizer creates its state lazily at the first step; make it now to fill it.
-    targets = _zero_flats(engine) if zero_stage > 0 else [p for _, p in engine.module.named_parameters()]
+    targets = flat_partitions(engine) if zero_stage > 0 else [p for _, p in engine.module.named_parameters()]
     for t in targets:
         state = opt.state[t]
         for k in moments:
@@ -173,7 +153,7 @@ def _load_phase_state(engine: Any, opt: torch.optim.Optimizer, path: Path, zero_
         if saved.get("step_in_state"):
             state.setdefault("step", torch.tensor(0.0))
     if zero_stage > 0:
-        _relink_optimizer_state(engine)
+        relink_optimizer_state(engine)
     for name, p in engine.module.named_parameters():
         w = weights[name]
         if zero_stage == 0:
