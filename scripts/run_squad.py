@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import fields, replace
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from lbllm.squad.config import SquadConfig
 from lbllm.train.data_parallel import from_env
-from lbllm.squad.features import BadQuestionError, SquadFormatError, load_squad_json
+from lbllm.squad.features import BadQuestionError, load_squad_json
 from lbllm.squad.metrics import aggregate_seeds
 from lbllm.utils import UserError, seed_everything, write_json_atomic
 

@@ -1,6 +1,5 @@
 """scripts/compare_runs.py (the demo's table) and the demo's verdict lines, on hand-made runs."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
