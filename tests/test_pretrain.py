@@ -144,8 +144,11 @@ def test_resume_auto_continues_exactly(tiny_data, tmp_path):
     assert [r["grad_sqnorm_small"] for r in b] == pytest.approx([r["grad_sqnorm_small"] for r in a], rel=1e-4)
     # B_simple is a ratio of EMAs over all measurements so far: restarting them at step 3
     # would give a different value there (the first estimate alone).
-    noise = lambda rows: [r.get("grad_noise_scale") for r in rows]  # noqa: E731
-    assert None not in noise(a) and noise(b) == pytest.approx(noise(a), rel=1e-3)
+    # (None where the |G|^2 estimate is still <= 0, e.g. at step 1 on some machines' data.)
+    na, nb = ([r.get("grad_noise_scale") for r in rows] for rows in (a, b))
+    assert any(x is not None for x in na[2:]), na  # measured after the resume point
+    assert [x is None for x in nb] == [x is None for x in na], (na, nb)
+    assert [x for x in nb if x is not None] == pytest.approx([x for x in na if x is not None], rel=1e-3)
 
 
 def test_bf16_run(tiny_data, tmp_path):
