@@ -31,6 +31,7 @@ from lbllm.optim import (
     register_optimizer,
 )
 from lbllm.optim import cpu_kernel
+from lbllm.optim.layout import TensorLayout
 from lbllm.optim import registry as registry_mod
 
 # Every registered optimizer (at collection time): a newly registered record is tested too.
@@ -278,16 +279,22 @@ def test_lamb_trust_ratio_is_per_parameter():
     assert max(errs_global.values()) > 1e-3, errs_global
 
 
-def test_lamb_ratio_hook_defines_per_parameter():
-    # Overriding the one reduction hook to return the global norm must turn lbllm's Lamb
-    # into the global-ratio reference: the hook is the single place "per parameter" lives
-    # (what the ZeRO-aware subclass overrides).
-    class GlobalNormLamb(Lamb):
-        def _per_param_sq_norms(self, tensors, params):
-            return super()._per_param_sq_norms(tensors, params).sum().expand(len(tensors))
+@pytest.mark.parametrize("kernel", ["native", "fused", "foreach"])
+def test_lamb_layout_defines_per_parameter(kernel):
+    # A layout whose norms are the global norm must turn lbllm's Lamb into the
+    # global-ratio reference, whichever kernel computes the step: the layout is the
+    # single place "per parameter" lives (what ZeRO replaces).
+    class GlobalNormLayout(TensorLayout):
+        kernel_norms = False
 
+        def sq_norms(self, tensors, params):
+            return super().sq_norms(tensors, params).sum().expand(len(tensors))
+
+    if kernel == "native" and not cpu_kernel.available():
+        pytest.skip("no C compiler for the native kernel")
     model = TinyNet()
-    opt = GlobalNormLamb(build_param_groups(model, 0.01), lr=1e-2)
+    opt = Lamb(build_param_groups(model, 0.01), lr=1e-2, kernel=kernel)
+    opt.set_layout(GlobalNormLayout())
     ref = RefLamb(trainable(model), weight_decays(model, 0.01), lr=1e-2, global_ratio=True)
     for t in range(4):
         compute_grads(model, t)

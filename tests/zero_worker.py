@@ -12,7 +12,7 @@ import deepspeed
 import torch
 
 from lbllm.optim import create_optimizer
-from lbllm.optim.zero import attach_zero_partition_info
+from lbllm.optim.zero import attach_zero_layout
 from test_zero_exact import MICRO, OPTS, build_model, case_key, case_steps, cases_for, global_batch
 
 
@@ -33,7 +33,7 @@ def run_cases(out: str) -> None:
                   "steps_per_print": 10**9}
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         if attach:
-            assert attach_zero_partition_info(engine) is not None
+            assert attach_zero_layout(engine) is not None
         for step in range(case_steps(case)):
             x = xs[step, rank * MICRO:(rank + 1) * MICRO]
             y = ys[step, rank * MICRO:(rank + 1) * MICRO]

@@ -6,6 +6,7 @@
 
 from .lamb import Lamb
 from .lars import Lars
+from .layout import TensorLayout
 from .param_groups import LayerwiseOptimizer, build_param_groups, describe_param_groups
 from .registry import (
     OptimizerRecord,
@@ -15,7 +16,7 @@ from .registry import (
     list_optimizers,
     register_optimizer,
 )
-from .zero import attach_zero_partition_info
+from .zero import attach_zero_layout
 
 __all__ = [
     "Lamb",
@@ -23,11 +24,12 @@ __all__ = [
     "LayerwiseOptimizer",
     "OptimizerRecord",
     "UnknownOptimizerError",
-    "attach_zero_partition_info",
+    "attach_zero_layout",
     "build_param_groups",
     "create_optimizer",
     "describe_param_groups",
     "get_optimizer_record",
     "list_optimizers",
     "register_optimizer",
+    "TensorLayout",
 ]

@@ -133,7 +133,7 @@ class Lamb(LayerwiseOptimizer):
         if max_norm <= 0.0 or not grads:
             return {"grad_divisor": None}
         params = [p for ps, _ in gathered for p in ps]
-        total = self._global_sq_norm(grads, params).sqrt()
+        total = self.layout.global_sq_norm(grads, params).sqrt()
         # Gradients are divided by max(total, max_norm) / max_norm (NVIDIA's form): 1 when
         # under the limit, never a division by zero. Stays a device tensor: no host sync.
         return {"grad_divisor": total.clamp(min=max_norm) / max_norm}
@@ -166,8 +166,8 @@ class Lamb(LayerwiseOptimizer):
         """Moments, u and both norms in one pass (lbllm/optim/cpu_kernel.py), then the update.
 
         Memory passes: the kernel reads w, g, m, v and writes m, v, u (7); the update reads
-        w, u and writes w (3). Under a ZeRO subclass (overridden per-parameter hooks) the
-        norms come from the hooks instead, two more reads.
+        w, u and writes w (3). The norms come from the layout instead (two more reads)
+        when its parameters are not the tensors (ZeRO partitions).
         """
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
@@ -184,17 +184,8 @@ class Lamb(LayerwiseOptimizer):
         if not (wd != 0.0 or group["adapt_no_decay"]):
             torch._foreach_add_(weights, update, alpha=-lr)
             return
-        if self._default_hooks():
-            w_sq, u_sq = w_sq.to(weights[0].dtype), u_sq.to(weights[0].dtype)
-        else:
-            w_sq, u_sq = self._per_param_sq_norms(weights, params), self._per_param_sq_norms(update, params)
-        ratio = self._trust_ratio(w_sq, u_sq, group)
-        torch._foreach_addcmul_(weights, update, self._per_param_broadcast(ratio * -lr, params))
-
-    def _default_hooks(self) -> bool:
-        cls = type(self)
-        return (cls._per_param_sq_norms is LayerwiseOptimizer._per_param_sq_norms
-                and cls._per_param_broadcast is LayerwiseOptimizer._per_param_broadcast)
+        kernel_norms = (w_sq.to(weights[0].dtype), u_sq.to(weights[0].dtype))
+        self._adapted_update(group, params, weights, update, kernel_norms=kernel_norms)
 
     # ---- fused: torch's one-pass Adam kernel computes the LAMB direction -----------------
     def _fused_step(self, group, params, weights, grads, exp_avg, exp_avg_sq, grad_divisor) -> None:
@@ -230,13 +221,7 @@ class Lamb(LayerwiseOptimizer):
         update = self._workspace(params)
         torch._foreach_copy_(update, weights)
         torch._fused_adamw_(update, grads, exp_avg, exp_avg_sq, [], steps, lr=-1.0, weight_decay=wd - 1.0, **kernel)
-        ratio = self._trust_ratio(
-            self._per_param_sq_norms(weights, params),
-            self._per_param_sq_norms(update, params),
-            group,
-        )
-        # w += (-lr * r) * u in one pass, the scalar broadcast per parameter.
-        torch._foreach_addcmul_(weights, update, self._per_param_broadcast(ratio * -lr, params))
+        self._adapted_update(group, params, weights, update)
 
     # ---- foreach: separate multi-tensor ops (any device and dtype) ----------------------
     def _foreach_step(self, group, params, weights, grads, exp_avg, exp_avg_sq, grad_divisor) -> None:
@@ -277,27 +262,45 @@ class Lamb(LayerwiseOptimizer):
             torch._foreach_add_(update, weights, alpha=wd / k)
 
         if wd != 0.0 or group["adapt_no_decay"]:
-            ratio = self._trust_ratio(
-                self._per_param_sq_norms(weights, params),
-                self._per_param_sq_norms(update, params) * (k * k),
-                group,
-            )
-            # w += (-lr * r * k) * u' in one pass, the scalar broadcast per parameter.
-            torch._foreach_addcmul_(weights, update, self._per_param_broadcast(ratio * (-lr * k), params))
+            self._adapted_update(group, params, weights, update, scale=k)  # u = k * u'
         else:
             torch._foreach_add_(weights, update, alpha=-lr * k)
 
-    @staticmethod
-    def _trust_ratio(w_sq: Tensor, u_sq: Tensor, group: dict[str, Any]) -> Tensor:
-        """||w|| / ||u|| per parameter, 1 where either is zero, then clamped."""
-        w_norm, u_norm = w_sq.sqrt(), u_sq.sqrt()
-        # A zero-initialised tensor (||w|| = 0) would never move with r = 0, and ||u|| = 0
-        # means there is nothing to scale: both fall back to the plain step.
-        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-        lo, hi = group["min_trust"], group["max_trust"]
-        if lo is not None or hi is not None:
-            ratio = ratio.clamp(min=lo, max=hi)
-        return ratio
+    def _adapted_update(self, group: dict[str, Any], params: list[Tensor], weights: list[Tensor],
+                        update: list[Tensor], scale: float = 1.0,
+                        kernel_norms: tuple[Tensor, Tensor] | None = None) -> None:
+        """``w += -lr * r * (scale * update)`` in one pass, with the per-parameter trust ratio
+        ``r = ||w|| / ||scale * update||``.
+
+        ``kernel_norms``: the per-tensor squared norms of ``weights`` and ``update`` that a
+        kernel computed as a by-product; used when the layout says they are its norms.
+        """
+        layout = self.layout
+        if kernel_norms is not None and layout.kernel_norms:
+            w_sq, u_sq = kernel_norms
+        else:
+            w_sq, u_sq = layout.sq_norms(weights, params), layout.sq_norms(update, params)
+        if scale != 1.0:
+            u_sq = u_sq * (scale * scale)
+        # Under ZeRO a rank holds slices of the parameters: here both partial norms are
+        # summed over the data-parallel group, one all-reduce of a [2, n] tensor (per
+        # tensor, without ZeRO, there is nothing to reduce).
+        w_sq, u_sq = layout.reduce(w_sq, u_sq)
+        ratio = trust_ratio(w_sq, u_sq, group)
+        # The scalar -lr * r * scale broadcast per parameter.
+        torch._foreach_addcmul_(weights, update, layout.broadcast(ratio * (-group["lr"] * scale), params))
+
+
+def trust_ratio(w_sq: Tensor, u_sq: Tensor, group: dict[str, Any]) -> Tensor:
+    """||w|| / ||u|| per parameter, 1 where either is zero, then clamped."""
+    w_norm, u_norm = w_sq.sqrt(), u_sq.sqrt()
+    # A zero-initialised tensor (||w|| = 0) would never move with r = 0, and ||u|| = 0
+    # means there is nothing to scale: both fall back to the plain step.
+    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+    lo, hi = group["min_trust"], group["max_trust"]
+    if lo is not None or hi is not None:
+        ratio = ratio.clamp(min=lo, max=hi)
+    return ratio
 
 
 _FUSED_SUPPORT: dict[str, bool] = {}

@@ -113,12 +113,13 @@ class Lars(LayerwiseOptimizer):
         weights = as_compute_dtype(params)
 
         local = None  # not adapted: a no-decay group (wd == 0), so g_eff = g
+        layout = self.layout
         if group["weight_decay"] != 0.0 or group["adapt_no_decay"]:
-            local = self._local_ratio(
-                self._per_param_sq_norms(weights, params),
-                self._per_param_sq_norms(grads, params),
-                group,
-            )
+            # Under ZeRO a rank holds slices of the parameters: both partial norms are
+            # summed over the data-parallel group here, in one all-reduce (per tensor,
+            # without ZeRO, there is nothing to reduce).
+            w_sq, g_sq = layout.reduce(layout.sq_norms(weights, params), layout.sq_norms(grads, params))
+            local = local_ratio(w_sq, g_sq, group)
 
         def add_g_eff_(target: list[Tensor], alpha: float) -> None:
             # target += alpha * local * (g + wd * w), without materialising g_eff (p.grad is
@@ -130,8 +131,8 @@ class Lars(LayerwiseOptimizer):
             coef = local * alpha
             if group["weight_decay"] != 0.0:
                 torch._foreach_addcmul_(target, weights,
-                                        self._per_param_broadcast(coef * group["weight_decay"], params))
-            torch._foreach_addcmul_(target, grads, self._per_param_broadcast(coef, params))
+                                        layout.broadcast(coef * group["weight_decay"], params))
+            torch._foreach_addcmul_(target, grads, layout.broadcast(coef, params))
 
         if momentum == 0.0:
             add_g_eff_(weights, -lr)  # both forms are plain SGD without a buffer
@@ -161,13 +162,13 @@ class Lars(LayerwiseOptimizer):
         group["prev_lr"] = lr
         self._write_back(params, weights)
 
-    @staticmethod
-    def _local_ratio(w_sq: Tensor, g_sq: Tensor, group: dict[str, Any]) -> Tensor:
-        """eta ||w|| / (||g|| + wd ||w|| + eps) per parameter; 1 where a norm is 0; LARC clip."""
-        w_norm, g_norm = w_sq.sqrt(), g_sq.sqrt()
-        ratio = group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm + group["eps"])
-        if group["clip"] and group["lr"] > 0:
-            ratio = (ratio / group["lr"]).clamp(max=1.0)
-        # ||w|| = 0 (zero-initialised) would freeze the tensor, and ||g|| = 0 leaves nothing
-        # to scale: such tensors are not adapted at all (ratio 1, also under LARC).
-        return torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+
+def local_ratio(w_sq: Tensor, g_sq: Tensor, group: dict[str, Any]) -> Tensor:
+    """eta ||w|| / (||g|| + wd ||w|| + eps) per parameter; 1 where a norm is 0; LARC clip."""
+    w_norm, g_norm = w_sq.sqrt(), g_sq.sqrt()
+    ratio = group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm + group["eps"])
+    if group["clip"] and group["lr"] > 0:
+        ratio = (ratio / group["lr"]).clamp(max=1.0)
+    # ||w|| = 0 (zero-initialised) would freeze the tensor, and ||g|| = 0 leaves nothing
+    # to scale: such tensors are not adapted at all (ratio 1, also under LARC).
+    return torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))

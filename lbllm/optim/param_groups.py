@@ -6,13 +6,12 @@ Two things live here because both are about "what is one parameter" to an optimi
   timm rule ``param.ndim <= 1 or name.endswith(".bias")`` (biases, LayerNorm weights and
   other vectors are not decayed), so nothing depends on parameter-name substrings.
 * ``LayerwiseOptimizer`` is the base of LAMB and LARS, whose defining feature is one
-  adaptive ratio per parameter tensor. It owns the two hooks that say what "per
-  parameter" means: ``_per_param_sq_norms`` (tensors -> one squared norm per parameter)
-  and ``_per_param_broadcast`` (one value per parameter -> tensors that broadcast against
-  the parameters). By default a parameter is one tensor of the group. Under DeepSpeed
-  ZeRO the optimizer is handed flat partitions instead, and a subclass (lbllm/optim/zero.py)
-  overrides exactly these two methods to sum partial norms over each original
-  parameter's segments and all-reduce them; the step code does not change.
+  adaptive ratio per parameter tensor. What "per parameter" means is not its business:
+  it asks its ``layout`` (lbllm/optim/layout.py) for per-parameter squared norms, their
+  reduction across ranks and the broadcast of ratios back onto the tensors. By default a
+  parameter is one tensor of the group; under DeepSpeed ZeRO ``attach_zero_layout``
+  (lbllm/optim/zero.py) gives it a layout over flat partitions, and the step code does
+  not change.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .layout import TENSOR_LAYOUT, Layout
 
 __all__ = [
     "build_param_groups",
@@ -113,8 +114,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     Subclasses implement ``_step_group(group, params, grads, **extra)`` with
     ``torch._foreach_*`` ops over the whole group: there is no Python loop over parameters
     that launches kernels, and no host synchronisation (ratios stay on the device as one
-    1-D tensor). Per-parameter reductions go through the two hooks below so that a
-    ZeRO-aware subclass can redefine "per parameter" without touching the update rule.
+    1-D tensor). Per-parameter norms, their reduction and the broadcast of ratios go
+    through ``self.layout``, so ZeRO redefines "per parameter" without touching the
+    update rule.
 
     Optimizer state of 16-bit parameters is kept in fp32, and the update is computed in
     fp32 and written back, because bf16 moments lose most of Adam's second-moment
@@ -122,33 +124,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     parameter dtype).
     """
 
-    # ---- hooks ---------------------------------------------------------------------
-    def _per_param_sq_norms(self, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-        """Squared L2 norm of each parameter's slice of ``tensors`` as a 1-D tensor.
+    #: How parameters are laid out in the tensors this optimizer steps (see layout.py).
+    #: Replaced per instance by ``set_layout``; the class default is one tensor per parameter.
+    layout: Layout = TENSOR_LAYOUT
 
-        ``tensors[i]`` has the layout of ``params[i]`` (it is the parameter itself, its
-        gradient, or an update computed from them). The result has one entry per
-        *parameter*; by default that is one entry per tensor. A ZeRO subclass returns the
-        norms of the original (unflattened) parameters instead, so the result may be
-        longer than ``tensors``; the only requirement is that ``_per_param_broadcast``
-        maps such a vector back onto the same tensors.
-        """
-        if not tensors:
-            return torch.zeros(0)
-        # One multi-tensor kernel for all norms; stacking keeps them on the device.
-        norms = torch.stack(torch._foreach_norm(list(tensors)))
-        return norms.square()
-
-    def _per_param_broadcast(self, values: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
-        """Turn one value per parameter (as from ``_per_param_sq_norms``) into a list of
-        tensors, one per entry of ``params``, each broadcastable against that entry."""
-        # 0-d views of one device tensor: no copy, no host sync.
-        return list(values.unbind())
-
-    def _global_sq_norm(self, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-        """Squared L2 norm of all ``tensors`` together (0-d); routed through the
-        per-parameter hook so a ZeRO override of that hook makes this global too."""
-        return self._per_param_sq_norms(tensors, params).sum()
+    def set_layout(self, layout: Layout) -> None:
+        """Use ``layout`` for every per-parameter norm, reduction and broadcast from now on."""
+        self.layout = layout
 
     # ---- shared plumbing ------------------------------------------------------------
     def _params_with_grads(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:

@@ -4,7 +4,7 @@ ZeRO 1/2 flattens each param group into one buffer (with alignment padding, poss
 round-robin order) and gives every data-parallel rank one contiguous slice of it as a
 single flat fp32 tensor. ``torch.optim`` code then sees one "parameter" per group per
 rank, so a layer-wise optimizer would compute one trust ratio per *slice* (DeepSpeed
-issues #88 and #490). ``attach_zero_partition_info(engine)`` fixes that for lbllm's
+issues #88 and #490). ``attach_zero_layout(engine)`` fixes that for lbllm's
 ``LayerwiseOptimizer`` subclasses:
 
 * From the ZeRO optimizer's own bookkeeping (``round_robin_bit16_groups``,
@@ -12,12 +12,14 @@ issues #88 and #490). ``attach_zero_partition_info(engine)`` fixes that for lbll
   group) it builds, for every flat fp32 partition, the list of contiguous segments
   ``(original parameter index, length)`` that tile it: pieces of original parameters
   (a parameter may be split across rank boundaries) and padding (index ``n``, a dummy).
-* It switches the optimizer's class to a subclass whose hooks compute per-*original*-
-  parameter partial squared norms over those segments (one ``torch._foreach_norm`` over
-  views, no Python loop per parameter), sum weight and update (LAMB) or weight and
-  gradient (LARS) norms across the data-parallel group in **one** all-reduce of one
-  stacked ``[2, n]`` tensor per param group, and broadcast the per-parameter ratio back
-  over the partition with ``repeat_interleave``.
+* It gives the optimizer a *layout* (lbllm/optim/layout.py) over those segments:
+  ``sq_norms`` takes per-*original*-parameter partial squared norms (one
+  ``torch._foreach_norm`` over views, no Python loop per parameter), ``reduce`` sums
+  weight and update (LAMB) or weight and gradient (LARS) norms across the data-parallel
+  group in **one** all-reduce of one stacked ``[2, n]`` tensor per param group (the call
+  is in the optimizers' trust-ratio code), and ``broadcast`` spreads the per-parameter
+  ratio back over the partition with ``repeat_interleave``. ``Zero12Layout`` and
+  ``Zero3Layout`` differ only in how they read the segments from DeepSpeed.
 
 DeepSpeed calls the base optimizer's ``step()`` once per param group (it swaps
 ``param_groups`` for a one-group list, see ``DeepSpeedZeroOptimizer._optimizer_step``), and
@@ -58,8 +60,8 @@ from torch import Tensor
 
 from .param_groups import LayerwiseOptimizer
 
-__all__ = ["ZeroSegments", "ZeroLayerwiseMixin", "attach_zero_partition_info", "flat_partitions", "relink_optimizer_state",
-           "zero3_segments", "zero_optimizer", "zero_segments"]
+__all__ = ["PartitionLayout", "Zero12Layout", "Zero3Layout", "ZeroSegments", "attach_zero_layout", "flat_partitions",
+           "relink_optimizer_state", "zero3_segments", "zero_layout", "zero_optimizer", "zero_segments"]
 
 
 @dataclass
@@ -123,58 +125,59 @@ def zero_segments(param_numels: Sequence[int], paddings: Sequence[int], partitio
     return ids, lengths
 
 
-class ZeroLayerwiseMixin:
-    """Hooks of ``LayerwiseOptimizer`` for flat ZeRO 1/2 partitions (see module doc).
+class PartitionLayout:
+    """A layout over flat ZeRO partitions (see the module doc): each tensor the optimizer
+    steps is one rank's partition of a param group, tiled by ``segments[id(tensor)]``.
 
-    ``_per_param_sq_norms`` returns this rank's *partial* squared norms (one entry per
-    original parameter of the group, plus nothing for padding); the ratio functions
-    (``_trust_ratio`` of LAMB, ``_local_ratio`` of LARS), which always receive the two
-    norms they need together, sum both over the data-parallel group in one all-reduce
-    before applying the rule. Tensors that are not ZeRO partitions (none under ZeRO 1/2)
-    are rejected rather than silently treated per slice.
+    ``sq_norms`` returns this rank's *partial* squared norms, one entry per original
+    parameter of the group (padding dropped); ``reduce`` sums them over ``group``, the
+    data-parallel process group. Tensors that are not registered partitions are rejected
+    rather than silently treated per slice.
     """
 
-    _zero_segments: dict[int, ZeroSegments]
-    _zero_optimizer: Any
+    kernel_norms = False  # a kernel's per-tensor norms are per *slice* here
+
+    def __init__(self, segments: dict[int, ZeroSegments], group: Any, zero_opt: Any) -> None:
+        self.segments, self.group, self.zero_opt = segments, group, zero_opt
 
     def _segments_of(self, params: Sequence[Tensor]) -> list[ZeroSegments]:
         out = []
         for p in params:
-            seg = self._zero_segments.get(id(p))
+            seg = self.segments.get(id(p))
             if seg is None:
                 raise RuntimeError(
                     f"{type(self).__name__}: tensor of shape {tuple(p.shape)} is not a ZeRO partition "
-                    "registered by attach_zero_partition_info")
+                    "registered by attach_zero_layout")
             out.append(seg.to(p.device))
         return out
 
-    def _per_param_sq_norms(self, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    def sq_norms(self, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         if not tensors:
             return torch.zeros(0)
-        pieces, ids = [], []
+        segs = self._segments_of(params)
+        pieces, ids, dummies = [], [], []
         offset = 0
-        for t, seg in zip(tensors, self._segments_of(params)):
+        for t, seg in zip(tensors, segs):
             pieces.extend(t.reshape(-1).split(seg.lengths))
             ids.append(seg.ids_t + offset)
-            offset += seg.num_params + 1
+            offset += seg.num_params
+            dummies.append(offset)  # each partition's padding slot
+            offset += 1
         # One multi-tensor kernel over all segments, then one scatter-add into the
         # per-parameter slots (padding lands in each partition's dummy slot).
         seg_sq = torch.stack(torch._foreach_norm(pieces)).square()
         out = torch.zeros(offset, dtype=seg_sq.dtype, device=seg_sq.device)
         out.index_add_(0, torch.cat(ids), seg_sq)
         keep = torch.ones(offset, dtype=torch.bool, device=out.device)
-        keep[torch.tensor(self._dummy_slots(params), dtype=torch.long, device=out.device)] = False
+        keep[torch.tensor(dummies, dtype=torch.long, device=out.device)] = False
         return out[keep]
 
-    def _dummy_slots(self, params: Sequence[Tensor]) -> list[int]:
-        slots, offset = [], 0
-        for seg in self._segments_of(params):
-            offset += seg.num_params
-            slots.append(offset)
-            offset += 1
-        return slots
+    def reduce(self, *sq_norms: Tensor) -> tuple[Tensor, ...]:
+        stacked = torch.stack(sq_norms)
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=self.group)
+        return tuple(stacked.unbind(0))
 
-    def _per_param_broadcast(self, values: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    def broadcast(self, values: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
         out, offset = [], 0
         for p, seg in zip(params, self._segments_of(params)):
             vals = values[offset:offset + seg.num_params]
@@ -185,45 +188,24 @@ class ZeroLayerwiseMixin:
                        .view_as(p))
         return out
 
-    def _allreduce_norms(self, *norms: Tensor) -> tuple[Tensor, ...]:
-        stacked = torch.stack(norms)
-        groups = {id(s.group): s.group for s in self._zero_segments.values()}
-        if len(groups) != 1:
-            raise RuntimeError("ZeRO param groups with different data-parallel groups are not supported")
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=next(iter(groups.values())))
-        return tuple(stacked.unbind(0))
-
-    def _global_sq_norm(self, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    def global_sq_norm(self, tensors: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         # Only the ZeRO optimizer knows all groups' gradients at once (it computes the
         # global norm before calling step() group by group).
-        norm = getattr(self._zero_optimizer, "_global_grad_norm", None)
+        norm = getattr(self.zero_opt, "_global_grad_norm", None)
         if norm is None:
             raise RuntimeError(
-                f"{type(self).__name__}: max_grad_norm under ZeRO needs DeepSpeed's global gradient norm "
+                "LAMB max_grad_norm under ZeRO needs DeepSpeed's global gradient norm "
                 "(zero_optimization.compute_grad_norm must be true); or use DeepSpeed's gradient_clipping")
         ref = tensors[0] if tensors else None
         norm = torch.as_tensor(norm, dtype=torch.float32 if ref is None else ref.dtype,
                                device=None if ref is None else ref.device)
         return norm.square()
 
-    def _trust_ratio(self, w_sq: Tensor, u_sq: Tensor, group: dict[str, Any]) -> Tensor:  # LAMB
-        w_sq, u_sq = self._allreduce_norms(w_sq, u_sq)
-        return super()._trust_ratio(w_sq, u_sq, group)  # type: ignore[misc]
-
-    def _local_ratio(self, w_sq: Tensor, g_sq: Tensor, group: dict[str, Any]) -> Tensor:  # LARS
-        w_sq, g_sq = self._allreduce_norms(w_sq, g_sq)
-        return super()._local_ratio(w_sq, g_sq, group)  # type: ignore[misc]
-
-
-_ZERO_CLASSES: dict[type, type] = {}
-
-
-def _zero_class(cls: type) -> type:
-    if issubclass(cls, ZeroLayerwiseMixin):
-        return cls
-    if cls not in _ZERO_CLASSES:
-        _ZERO_CLASSES[cls] = type(f"Zero{cls.__name__}", (ZeroLayerwiseMixin, cls), {"__module__": __name__})
-    return _ZERO_CLASSES[cls]
+    @staticmethod
+    def _one_group(groups: Sequence[Any]) -> Any:
+        if len({id(g) for g in groups}) != 1:
+            raise RuntimeError("ZeRO param groups with different data-parallel groups are not supported")
+        return groups[0]
 
 
 def zero_optimizer(engine: Any) -> Any:
@@ -272,64 +254,82 @@ def zero3_segments(param_numels: Sequence[int], partition_numels: Sequence[int],
     return ids, lengths
 
 
-def _stage12_segments(zero_opt: Any) -> dict[int, ZeroSegments]:
-    segments: dict[int, ZeroSegments] = {}
-    for i, flat in enumerate(zero_opt.single_partition_of_fp32_groups):
-        pg = zero_opt.real_dp_process_group[i]
-        ids, lengths = zero_segments(
-            # Shapes from DeepSpeed's meta copies when it keeps them (param.data may be
-            # swapped out by state offload), else from the parameters themselves.
-            [t.numel() for t in getattr(zero_opt, "round_robin_bit16_meta", zero_opt.round_robin_bit16_groups)[i]],
-            zero_opt.round_robin_bit16_padding[i],
-            int(zero_opt.partition_size[i]),
-            dist.get_rank(group=pg),
-        )
-        if sum(lengths) != flat.numel():
-            raise RuntimeError(f"ZeRO bookkeeping mismatch in group {i}: {sum(lengths)} != {flat.numel()}")
-        segments[id(flat)] = ZeroSegments(ids, lengths, len(zero_opt.round_robin_bit16_groups[i]), pg)
-    return segments
+class Zero12Layout(PartitionLayout):
+    """ZeRO 1/2: one flat fp32 partition per param group and rank."""
+
+    @classmethod
+    def from_zero_optimizer(cls, zero_opt: Any) -> "Zero12Layout":
+        segments: dict[int, ZeroSegments] = {}
+        groups = []
+        for i, flat in enumerate(zero_opt.single_partition_of_fp32_groups):
+            pg = zero_opt.real_dp_process_group[i]
+            groups.append(pg)
+            ids, lengths = zero_segments(
+                # Shapes from DeepSpeed's meta copies when it keeps them (param.data may be
+                # swapped out by state offload), else from the parameters themselves.
+                [t.numel() for t in getattr(zero_opt, "round_robin_bit16_meta", zero_opt.round_robin_bit16_groups)[i]],
+                zero_opt.round_robin_bit16_padding[i],
+                int(zero_opt.partition_size[i]),
+                dist.get_rank(group=pg),
+            )
+            if sum(lengths) != flat.numel():
+                raise RuntimeError(f"ZeRO bookkeeping mismatch in group {i}: {sum(lengths)} != {flat.numel()}")
+            segments[id(flat)] = ZeroSegments(ids, lengths, len(zero_opt.round_robin_bit16_groups[i]), pg)
+        return cls(segments, cls._one_group(groups), zero_opt)
 
 
-def _stage3_segments(zero_opt: Any) -> dict[int, ZeroSegments]:
-    # DeepSpeed steps the base optimizer once per *sub-group*; LAMB's step counter (bias
-    # correction) is kept per param group, so a param group must be exactly one sub-group.
-    group_ids = [zero_opt.sub_group_to_group_id[i] for i in range(len(zero_opt.fp16_groups))]
-    if len(set(group_ids)) != len(group_ids):
-        raise ValueError(
-            "ZeRO 3 split a param group into several sub-groups (zero_optimization.sub_group_size is smaller "
-            "than the group); LAMB/LARS need one sub-group per param group: raise sub_group_size above the "
-            f"parameter count ({sum(p.ds_numel for g in zero_opt.fp16_groups for p in g):,})")
-    if getattr(zero_opt, "swap_optimizer", False) or getattr(zero_opt, "offload_optimizer", False):
-        raise ValueError("LAMB/LARS under ZeRO 3 do not support optimizer offload; remove "
-                         "zero_optimization.offload_optimizer")
-    segments: dict[int, ZeroSegments] = {}
-    for i, (flat, params) in enumerate(zip(zero_opt.fp32_partitioned_groups_flat, zero_opt.fp16_groups)):
-        pg = zero_opt._get_sub_group_process_group(i)
-        ids, lengths = zero3_segments([p.ds_numel for p in params], [p.partition_numel() for p in params],
-                                      dist.get_rank(group=pg))
-        if sum(lengths) != flat.numel():
-            raise RuntimeError(f"ZeRO 3 bookkeeping mismatch in sub-group {i}: {sum(lengths)} != {flat.numel()}")
-        segments[id(flat)] = ZeroSegments(ids, lengths, len(params), pg)
-    return segments
+class Zero3Layout(PartitionLayout):
+    """ZeRO 3: every parameter split across all ranks, one flat fp32 tensor per sub-group."""
+
+    @classmethod
+    def from_zero_optimizer(cls, zero_opt: Any) -> "Zero3Layout":
+        cls._check_supported(zero_opt)
+        segments: dict[int, ZeroSegments] = {}
+        groups = []
+        for i, (flat, params) in enumerate(zip(zero_opt.fp32_partitioned_groups_flat, zero_opt.fp16_groups)):
+            pg = zero_opt._get_sub_group_process_group(i)
+            groups.append(pg)
+            ids, lengths = zero3_segments([p.ds_numel for p in params], [p.partition_numel() for p in params],
+                                          dist.get_rank(group=pg))
+            if sum(lengths) != flat.numel():
+                raise RuntimeError(f"ZeRO 3 bookkeeping mismatch in sub-group {i}: {sum(lengths)} != {flat.numel()}")
+            segments[id(flat)] = ZeroSegments(ids, lengths, len(params), pg)
+        return cls(segments, cls._one_group(groups), zero_opt)
+
+    @staticmethod
+    def _check_supported(zero_opt: Any) -> None:
+        # DeepSpeed steps the base optimizer once per *sub-group*; LAMB's step counter (bias
+        # correction) is kept per param group, so a param group must be exactly one sub-group.
+        group_ids = [zero_opt.sub_group_to_group_id[i] for i in range(len(zero_opt.fp16_groups))]
+        if len(set(group_ids)) != len(group_ids):
+            raise ValueError(
+                "ZeRO 3 split a param group into several sub-groups (zero_optimization.sub_group_size is smaller "
+                "than the group); LAMB/LARS need one sub-group per param group: raise sub_group_size above the "
+                f"parameter count ({sum(p.ds_numel for g in zero_opt.fp16_groups for p in g):,})")
+        if getattr(zero_opt, "swap_optimizer", False) or getattr(zero_opt, "offload_optimizer", False):
+            raise ValueError("LAMB/LARS under ZeRO 3 do not support optimizer offload; remove "
+                             "zero_optimization.offload_optimizer")
 
 
-def attach_zero_partition_info(engine: Any) -> LayerwiseOptimizer | None:
+def zero_layout(engine: Any) -> PartitionLayout | None:
+    """The layout of the engine's flat ZeRO partitions (None without ZeRO)."""
+    zero_opt = zero_optimizer(engine)
+    if zero_opt is None:
+        return None
+    if hasattr(zero_opt, "single_partition_of_fp32_groups"):
+        return Zero12Layout.from_zero_optimizer(zero_opt)
+    return Zero3Layout.from_zero_optimizer(zero_opt)
+
+
+def attach_zero_layout(engine: Any) -> LayerwiseOptimizer | None:
     """Make the engine's lbllm LAMB/LARS exact under ZeRO 1/2/3; returns it (None if nothing to do).
 
     Call once, after ``deepspeed.initialize``. A no-op when ZeRO is off or the base
     optimizer is not a ``LayerwiseOptimizer``.
     """
     zero_opt = zero_optimizer(engine)
-    if zero_opt is None:
+    if zero_opt is None or not isinstance(zero_opt.optimizer, LayerwiseOptimizer):
         return None
     base = zero_opt.optimizer
-    if not isinstance(base, LayerwiseOptimizer):
-        return None
-    if hasattr(zero_opt, "single_partition_of_fp32_groups"):
-        segments = _stage12_segments(zero_opt)
-    else:
-        segments = _stage3_segments(zero_opt)
-    base.__class__ = _zero_class(type(base))
-    base._zero_segments = segments
-    base._zero_optimizer = zero_opt
+    base.set_layout(zero_layout(engine))
     return base

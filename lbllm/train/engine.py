@@ -228,9 +228,9 @@ def initialize(model: torch.nn.Module, resolved: ResolvedConfig) -> tuple[Any, t
     if optimizer is not None and resolved.zero_stage >= 1:
         # ZeRO hands LAMB/LARS flat per-rank slices: restore true per-parameter trust
         # ratios (lbllm/optim/zero.py). A no-op for optimizers that are not layer-wise.
-        from lbllm.optim.zero import attach_zero_partition_info
+        from lbllm.optim.zero import attach_zero_layout
 
-        attach_zero_partition_info(engine)
+        attach_zero_layout(engine)
     return engine, base_optimizer(engine)
 
 
