@@ -121,7 +121,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from lbllm.data.inputs import expand_inputs
+    from lbllm.prep.inputs import expand_inputs
 
     try:
         cfg = TokenizerConfig(args.vocab_size, not args.no_lowercase, args.min_frequency, args.limit_alphabet)

@@ -7,11 +7,11 @@
 
 Inputs: txt (blank-line separated documents), jsonl (``--text_field``), parquet (the
 same column), globs and directories, and any ``datasets`` dataset by name or saved
-directory (``--hf_dataset``); see ``lbllm/data/inputs.py`` for how each becomes
+directory (``--hf_dataset``); see ``lbllm/prep/inputs.py`` for how each becomes
 documents and units. Samples follow Google's create_pretraining_data.py (Devlin et al.
 2019): NSP pairs of sentence runs, 15% masking, ``dupe_factor`` passes; see
-``lbllm/data/samples.py``. ``--masking dynamic`` stores unmasked samples and the reader
-masks them per epoch. The format is described in ``lbllm/data/shards.py``; the
+``lbllm/prep/samples.py``. ``--masking dynamic`` stores unmasked samples and the reader
+masks them per epoch. The format is described in ``lbllm/data/format.py``; the
 commands for large corpora and several machines in docs/data.md.
 
 Parallelism and determinism: the inputs are cut into units of about ``--unit_mb`` at
@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lbllm.data.inputs import (
+from lbllm.prep.inputs import (
     INPUT_FORMATS,
     CorpusStats,
     InputError,
@@ -59,7 +59,7 @@ from lbllm.data.inputs import (
     plan_sha256,
     plan_units,
 )
-from lbllm.data.samples import (
+from lbllm.prep.samples import (
     MASKING_MODES,
     SampleConfig,
     Vocab,
@@ -69,15 +69,9 @@ from lbllm.data.samples import (
     num_to_predict,
     unit_to_samples,
 )
-from lbllm.utils import UserError, make_temp_dir, publish_directory, write_json_atomic
-from lbllm.data.shards import (
-    FORMAT_VERSION,
-    HELDOUT_DIR,
-    MANIFEST_NAME,
-    ShardWriter,
-    shard_fields,
-    tokenizer_fingerprint,
-)
+from lbllm.data.format import HELDOUT_DIR, MANIFEST_NAME, Manifest, shard_fields, tokenizer_fingerprint
+from lbllm.prep.shard_writer import ShardWriter
+from lbllm.utils import UserError, make_temp_dir, publish_directory
 
 # NSP "random next" fraction this far from the asked-for probability gets a warning:
 # it means documents that cannot give an actual next (one-sentence documents, e.g.
@@ -375,7 +369,7 @@ class SetTally:
         }
 
 
-def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
+def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> Manifest:
     """Produce every shard of this part and finally the manifest inside ``tmp`` (and,
     with a held-out fraction, the held-out set with its own manifest in ``tmp/heldout``)."""
     cfg, info = job.samples, plan.info
@@ -423,19 +417,18 @@ def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
     if samples == 0 and job.num_parts == 1:
         where = " ".join(job.inputs) or job.hf_dataset
         raise UserError(f"--input {where}: no samples (the text has no tokens)")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "num_samples": samples,
+    manifest = Manifest(
+        num_samples=samples,
         **_samples_config(job, info),
-        "samples_per_shard": job.samples_per_shard,
-        "unit_mb": job.unit_mb,
-        "nsp_label": "1 = B is a random segment, 0 = B is the actual next (Hugging Face convention)",
-        "read_options": {"text_field": job.read.text_field, "headings": job.read.headings,
-                         "on_bad_record": job.read.on_bad_record},
-        "inputs": [source.describe() for source in plan.sources],
-        "plan": {"units": len(plan.units), "sha256": plan.sha256},
-        "shards": shards,
-        "stats": {
+        samples_per_shard=job.samples_per_shard,
+        unit_mb=job.unit_mb,
+        nsp_label="1 = B is a random segment, 0 = B is the actual next (Hugging Face convention)",
+        read_options={"text_field": job.read.text_field, "headings": job.read.headings,
+                      "on_bad_record": job.read.on_bad_record},
+        inputs=[source.describe() for source in plan.sources],
+        plan={"units": len(plan.units), "sha256": plan.sha256},
+        shards=shards,
+        stats={
             "units": len(units),
             "units_cut_inside_document": sum(u.forced_cut for u in units),
             "documents": stats.documents,
@@ -450,26 +443,25 @@ def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> dict:
             "heldout_documents": stats.heldout_documents,
             **train.counts(),
         },
-        "heldout_fraction": job.heldout_fraction,
-    }
+        heldout_fraction=job.heldout_fraction,
+    )
     if job.num_parts > 1:
-        manifest["part"] = {"index": job.part, "num_parts": job.num_parts, "units": [plan.first, plan.end]}
+        manifest.part = {"index": job.part, "num_parts": job.num_parts, "units": [plan.first, plan.end]}
     if held is not None:
         if held.samples == 0 and job.num_parts == 1:
             raise UserError(f"--heldout_fraction {job.heldout_fraction}: no document was held out of "
                              f"{stats.documents}; raise the fraction or give more documents")
-        held_manifest = {
-            **manifest,
-            "num_samples": held.samples,
+        dataclasses.replace(
+            manifest,
+            num_samples=held.samples,
             **_samples_config(dataclasses.replace(job, samples=held.cfg), info),
-            "shards": heldout_shards,
-            "stats": {"documents": stats.heldout_documents, **held.counts()},
-            "heldout_of": "..",
-        }
-        held_manifest.pop("heldout_fraction")
-        write_json_atomic(tmp / HELDOUT_DIR / MANIFEST_NAME, held_manifest)
-        manifest["heldout"] = {"dir": HELDOUT_DIR, "num_samples": held.samples, "documents": stats.heldout_documents}
-    write_json_atomic(tmp / MANIFEST_NAME, manifest)  # last: its presence marks completeness
+            shards=heldout_shards,
+            stats={"documents": stats.heldout_documents, **held.counts()},
+            heldout_of="..",
+            heldout_fraction=None,
+        ).write(tmp / HELDOUT_DIR)
+        manifest.heldout = {"dir": HELDOUT_DIR, "num_samples": held.samples, "documents": stats.heldout_documents}
+    manifest.write(tmp)  # last: its presence marks completeness
     return manifest
 
 
@@ -484,7 +476,7 @@ def _make_parents(path: Path) -> list[Path]:
     return created
 
 
-def run(job: ShardJob) -> dict:
+def run(job: ShardJob) -> Manifest:
     """Validate, write into a temp directory, publish. Returns the manifest."""
     plan = prepare(job)
     out = Path(job.out)
@@ -568,20 +560,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"create_shards: {e}", file=sys.stderr)
         return 2
-    s = manifest["stats"]
+    s = manifest.stats
     part = f" (part {job.part} of {job.num_parts})" if job.num_parts > 1 else ""
     print(
-        f"create_shards: {manifest['num_samples']} samples of length {manifest['seq_length']} in "
-        f"{len(manifest['shards'])} shard(s) from {s['documents'] - s['heldout_documents']} documents{part} -> {job.out}",
+        f"create_shards: {manifest.num_samples} samples of length {manifest.seq_length} in "
+        f"{len(manifest.shards)} shard(s) from {s['documents'] - s['heldout_documents']} documents{part} -> {job.out}",
         file=sys.stderr,
     )
-    if "heldout" in manifest:
-        h = manifest["heldout"]
+    if manifest.heldout is not None:
+        h = manifest.heldout
         print(f"create_shards: held out {h['num_samples']} samples (static masks) from {h['documents']} other "
               f"documents -> {Path(job.out) / HELDOUT_DIR}", file=sys.stderr)
     expected = job.samples.random_next_prob
     skewed = abs(s["nsp_random_fraction"] - expected) > NSP_WARN_TOLERANCE
-    if manifest["num_samples"] >= NSP_WARN_MIN_SAMPLES and skewed:
+    if manifest.num_samples >= NSP_WARN_MIN_SAMPLES and skewed:
         print(
             f"create_shards: warning: NSP random-next fraction {s['nsp_random_fraction']:.3f}, expected {expected}: "
             "many one-sentence documents (headings? try --headings drop/articles) or one-document units "

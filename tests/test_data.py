@@ -21,11 +21,11 @@ import pytest
 
 import helpers
 
-from lbllm.data import DataError, GlobalBatchSampler, PretrainingDataset, tokenizer_fingerprint
-from lbllm.data.inputs import CorpusStats, ReadOptions, Source, expand_inputs, plan_units, read_documents
+from lbllm.data import DataError, GlobalBatchSampler, Manifest, PretrainingDataset, tokenizer_fingerprint
+from lbllm.prep.inputs import CorpusStats, ReadOptions, Source, expand_inputs, plan_units, read_documents
 from lbllm.data.masking import MaskingConfig, mask_tokens, row_keys, uniform
 from lbllm.data.sampler import FeistelPermutation
-from lbllm.data.samples import SampleConfig, num_to_predict, split_documents, split_sentences, tokenize_documents
+from lbllm.prep.samples import SampleConfig, num_to_predict, split_documents, split_sentences, tokenize_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ, PREDS = 64, 10
@@ -409,7 +409,7 @@ def test_bad_dataset_arguments(data, tmp_path, capsys):
 def test_huge_document_is_cut_and_counted(data, tmp_path):
     """A file with no blank lines is one document; past MAX_DOCUMENT_UNITS units it is
     cut at a line end (bounded worker memory), and the cut is counted."""
-    from lbllm.data.inputs import MAX_DOCUMENT_UNITS
+    from lbllm.prep.inputs import MAX_DOCUMENT_UNITS
 
     _, sentence = _sentence_maker(9)
     path = tmp_path / "huge.txt"
@@ -576,7 +576,7 @@ def test_nsp_pairs_are_actual_or_random_continuations(data, everything):
 
 
 def test_whole_word_masking_masks_whole_words(data):
-    from lbllm.data.samples import documents_to_samples
+    from lbllm.prep.samples import documents_to_samples
 
     create_shards = load_script("create_shards")
     info = create_shards.load_tokenizer(data["tok"])
@@ -621,6 +621,25 @@ def test_output_independent_of_workers_and_idempotent(data, tmp_path):
     cli("create_shards.py", *data["args"], "--out", one, "--workers", 2)
     assert (one / "manifest.json").read_bytes() == (two / "manifest.json").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]  # no temp or old dirs left
+
+
+def test_typed_manifest_round_trips_the_json_the_writer_wrote(data, tmp_path):
+    # One Manifest type for the writer, the merger and the reader: reading and writing
+    # again gives the same JSON, keys in the same order (so every key the writer uses is
+    # a field); a key from a newer writer survives; the held-out set's manifest too.
+    for directory in (data["shards"], data["shards"] / "heldout"):
+        if not (directory / "manifest.json").is_file():
+            continue
+        raw = json.loads((directory / "manifest.json").read_text())
+        m = Manifest.read(directory)
+        assert not m.extra, sorted(m.extra)
+        assert list(m.to_json().items()) == list(raw.items())
+    m = Manifest.read(data["shards"])
+    assert (m.seq_length, m.max_predictions_per_seq, m.num_samples) == (SEQ, PREDS, len(PretrainingDataset(data["shards"])))
+    newer = Manifest.from_json({**m.to_json(), "future_key": {"x": 1}})
+    assert newer.extra == {"future_key": {"x": 1}}
+    newer.write(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["future_key"] == {"x": 1}
 
 
 def test_manifest_and_checksums(data):

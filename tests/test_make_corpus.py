@@ -1,4 +1,4 @@
-"""Tests for data_prep/make_corpus.py: the synthetic corpus and SQuAD task.
+"""Tests for lbllm/prep/corpus (data_prep/make_corpus.py): the synthetic corpus and SQuAD task.
 
 What matters downstream: files are deterministic (so runs are comparable), SQuAD
 answers are exact spans (or the F1 is meaningless), train/dev ask about different
@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_script
+import lbllm.prep.corpus as mc
+from lbllm.prep.corpus import documents
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data_prep" / "make_corpus.py"
 
-
-mc = load_script("data_prep/make_corpus.py")
 
 SMALL = dict(num_docs=150, squad_train=120, squad_dev=40)
 
@@ -82,7 +81,7 @@ def test_cli_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path: Pa
 
 
 def test_worker_count_does_not_change_output(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(mc, "DOCS_PER_CHUNK", 40)  # several chunks -> real pool
+    monkeypatch.setattr(documents, "DOCS_PER_CHUNK", 40)  # several chunks -> real pool
     mc.generate(tmp_path / "one", seed=1, num_docs=130, squad_train=5, squad_dev=5,
                 workers=1)
     mc.generate(tmp_path / "two", seed=1, num_docs=130, squad_train=5, squad_dev=5,

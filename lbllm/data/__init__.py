@@ -1,12 +1,12 @@
-"""Pretraining data: inputs, sample creation, masking, shard format and reader, sampler.
+"""Pretraining data as training reads it: shard format, reader, masking, sampler.
 
-``inputs`` reads txt/jsonl/parquet files and ``datasets`` datasets and cuts them into
-units of work, ``samples`` turns text into BERT samples (both used by
-data_prep/create_shards.py), ``masking`` is the MLM corruption (static at preparation,
-dynamic per epoch in the reader), ``shards`` stores and reads samples, ``sampler``
-decides which rank sees which sample. See docs/data.md.
+``format`` is the shard layout and its typed ``Manifest`` (shared with the writer in
+``lbllm.prep``), ``shards`` the memory-mapped reader, ``masking`` the MLM corruption
+(static at preparation, dynamic per epoch in the reader), ``sampler`` decides which rank
+sees which sample. How text becomes shards is ``lbllm.prep``. See docs/data.md.
 """
+from lbllm.data.format import DataError, Manifest, tokenizer_fingerprint
 from lbllm.data.sampler import GlobalBatchSampler
-from lbllm.data.shards import DataError, PretrainingDataset, tokenizer_fingerprint
+from lbllm.data.shards import PretrainingDataset
 
-__all__ = ["DataError", "GlobalBatchSampler", "PretrainingDataset", "tokenizer_fingerprint"]
+__all__ = ["DataError", "GlobalBatchSampler", "Manifest", "PretrainingDataset", "tokenizer_fingerprint"]

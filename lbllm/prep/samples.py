@@ -38,7 +38,7 @@ Where the reference script has known defects we do it right and say so:
 
 Everything random is derived from ``(seed, unit index, purpose, pass)`` so the output of
 a unit does not depend on which process or machine computed it or how many there were.
-Where the text comes from and how it is cut into units is ``lbllm.data.inputs``.
+Where the text comes from and how it is cut into units is ``lbllm.prep.inputs``.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lbllm.data.inputs import CorpusStats, ReadOptions, Source, TextUnit, read_documents
+from lbllm.prep.inputs import CorpusStats, ReadOptions, Source, TextUnit, read_documents
 from lbllm.data.masking import MaskingConfig, derive_seed, mask_tokens, row_keys, uniform
 
 MASKING_MODES = ("static", "dynamic")
@@ -351,7 +351,7 @@ def document_pairs(
 
 @dataclass
 class SampleBatch:
-    """Samples as arrays, in the shard layout (see ``lbllm.data.shards``)."""
+    """Samples as arrays, in the shard layout (see ``lbllm.data.format``)."""
 
     input_ids: np.ndarray  # [N, L] masked inputs, 0-padded
     lengths: np.ndarray  # [N] int16: real tokens incl. [CLS]/[SEP]
