@@ -14,7 +14,7 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 __all__ = ["field_docs", "add_dataclass_arguments", "dataclass_from_args"]
 
@@ -39,10 +39,13 @@ def _flag_type(hint: Any) -> type:
     return str if hint is Path else hint
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--name` flag per field of `cls`, with its default and docstring as help."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: Collection[str] = ()) -> None:
+    """One `--name` flag per field of `cls`, with its default and docstring as help;
+    fields in `skip` get none (a CLI that spells those differently adds its own)."""
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         kw: dict[str, Any] = {"help": docs.get(f.name, "")}
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             kw["required"] = True
@@ -60,6 +63,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(f"--{f.name}", **kw)
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """`cls` built from the parsed flags of its fields (other flags are ignored)."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def dataclass_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    """`cls` built from the parsed flags of its fields (other flags are ignored);
+    `values` gives fields that have no flag of their own, or overrides them."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in values}, **values)

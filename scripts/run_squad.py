@@ -27,6 +27,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
+from lbllm.cli import add_dataclass_arguments, dataclass_from_args
 from lbllm.squad.config import SquadConfig
 from lbllm.train.data_parallel import from_env
 from lbllm.squad.features import BadQuestionError, load_squad_json
@@ -36,6 +37,11 @@ from lbllm.utils import UserError, seed_everything, write_json_atomic
 DEFAULTS = {f.name: f.default for f in fields(SquadConfig)}
 
 
+# Fields whose flags read differently from the field: the lengths default to what fits
+# the model, seeds come as a list, and the progress bar is switched off.
+CUSTOM_FLAGS = ("seed", "max_seq_length", "doc_stride", "n_best_size", "progress")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,11 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train_file", type=Path, required=True, help="SQuAD v1.1 training json")
     p.add_argument("--predict_file", type=Path, required=True, help="SQuAD v1.1 json to predict and score")
     p.add_argument("--output_dir", type=Path, required=True, help="gets predictions.json, nbest_predictions.json, results.json")
-    p.add_argument("--epochs", type=float, default=d["epochs"], help=f"passes over the training windows (default {d['epochs']:g})")
-    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps, overrides --epochs; 0 = evaluate only")
-    p.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']:g})")
-    p.add_argument("--batch_size", type=int, default=d["batch_size"],
-                   help=f"training windows per step over all ranks (default {d['batch_size']})")
+    add_dataclass_arguments(p, SquadConfig, skip=CUSTOM_FLAGS)  # the recipe: names, defaults, help from SquadConfig
     p.add_argument("--seed", type=int, default=None, help=f"one seed, the same as --seeds S (default {d['seed']})")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, one fine-tuning run each, e.g. 1,2,3")
     p.add_argument("--max_seq_length", type=int, default=None,
@@ -55,21 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--doc_stride", type=int, default=None,
                    help=f"token overlap between windows of a long context (default {d['doc_stride']}, "
                         "or half the context room when max_seq_length is small)")
-    p.add_argument("--max_query_length", type=int, default=d["max_query_length"],
-                   help=f"questions are cut to this many tokens (default {d['max_query_length']})")
-    p.add_argument("--warmup_proportion", type=float, default=d["warmup_proportion"])
-    p.add_argument("--weight_decay", type=float, default=d["weight_decay"])
-    p.add_argument("--max_grad_norm", type=float, default=d["max_grad_norm"], help="0 disables clipping")
     p.add_argument("--n_best_size", "--n_best", dest="n_best_size", type=int, default=d["n_best_size"],
                    help=f"top start/end logits combined per window, and answers kept per question (default {d['n_best_size']})")
-    p.add_argument("--max_answer_length", type=int, default=d["max_answer_length"],
-                   help=f"longest answer in tokens (default {d['max_answer_length']})")
-    p.add_argument("--dropout", type=float, default=None, help="hidden and attention dropout (default: the checkpoint's)")
     p.add_argument("--skip_bad_examples", action="store_true",
                    help="skip (and count) unusable questions instead of stopping at the first")
-    p.add_argument("--eval_batch_size", type=int, default=d["eval_batch_size"], help="prediction windows per pass, per rank")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, split among local ranks)")
-    p.add_argument("--device", default="auto", help='"auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...')
     p.add_argument("--no_progress", action="store_true", help="no tqdm bars")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher (LOCAL_RANK is read)")
     return p.parse_args(argv)
@@ -137,15 +128,8 @@ def resolve_lengths(args: argparse.Namespace, position_limit: int | None) -> tup
 
 def build_config(args: argparse.Namespace, max_seq: int, stride: int, seed: int) -> SquadConfig:
     try:
-        return SquadConfig(
-            epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-            eval_batch_size=args.eval_batch_size, seed=seed, max_seq_length=max_seq,
-            doc_stride=stride, max_query_length=args.max_query_length,
-            warmup_proportion=args.warmup_proportion, weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm, n_best_size=args.n_best_size,
-            max_answer_length=args.max_answer_length, dropout=args.dropout, threads=args.threads,
-            device=args.device, progress=not args.no_progress,
-        )  # fmt: skip
+        return dataclass_from_args(SquadConfig, args, seed=seed, max_seq_length=max_seq, doc_stride=stride,
+                                   progress=not args.no_progress)
     except ValueError as err:
         raise UserError(f"invalid option: {err}") from None
 

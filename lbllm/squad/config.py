@@ -34,7 +34,9 @@ class SquadConfig:
     eval_batch_size: int = 64
     """Prediction windows per forward pass, per rank."""
     seed: int = 42
+    """Seeds the fresh QA head, dropout and the order of the training windows."""
     max_seq_length: int = 384
+    """Window length in tokens (question, context and special tokens)."""
     doc_stride: int = 128
     """Token overlap between consecutive windows of one context (tokenizers' `stride`)."""
     max_query_length: int = 64
@@ -42,6 +44,7 @@ class SquadConfig:
     warmup_proportion: float = 0.1
     """Fraction of the steps spent warming up linearly from 0."""
     weight_decay: float = 0.01
+    """Decoupled (AdamW) weight decay of matrices; biases and LayerNorm are not decayed."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip; 0 disables."""
     n_best_size: int = 20
