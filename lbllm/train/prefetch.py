@@ -27,8 +27,12 @@ class StepBatch:
     step: int  # the 1-based optimizer step these micro-batches feed
     global_batch_size: int
     micro: list[dict[str, torch.Tensor]]  # this rank's gradient-accumulation micro-batches
-    epoch: int  # the sampler's epoch after this step's indices
     sampler_state: dict  # the sampler right after this step: what a checkpoint stores
+
+    @property
+    def epoch(self) -> int:
+        """The sampler's epoch after this step's indices."""
+        return int(self.sampler_state["epoch"])
 
 
 class StepLoader:
@@ -59,7 +63,7 @@ class StepLoader:
             indices = next(self._indices)
             batch = self.dataset.get_batch(indices, epoch=self.sampler.epoch)  # masks depend on the epoch
             micro.append({k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch)
-        return StepBatch(step, batch_size, micro, self.sampler.epoch, self.sampler.state_dict())
+        return StepBatch(step, batch_size, micro, self.sampler.state_dict())
 
     def _schedule(self) -> None:
         ahead = self._pool is not None and self._next <= self.last_step
