@@ -283,7 +283,8 @@ class Experiment(Demo):
         deepspeed = str(Path(PY).parent / "deepspeed")
         launcher = [deepspeed, "--num_gpus", str(world), "--master_port", str(free_port())] if world > 1 else [PY]
         cmd = [*launcher, "pretrain_bert.py", "--deepspeed_config", f"ds_configs/{config}", "--data_dir", data_dir,
-               "--output_dir", out, "--model_config", self.a.model_config, "--seed", str(self.a.seed), *extra]
+               "--output_dir", out, "--model_config", self.a.model_config, "--seed", str(self.a.seed),
+               "--overwrite", *extra]  # an unfinished or outdated run is redone from scratch
         return self.sh(f"pretrain {out.relative_to(self.out)} ({Path(config).name}, {world} ranks)", cmd)
 
     def squad(self, name: str, model_dir: Path) -> dict:

@@ -103,7 +103,7 @@ class Demo:
                "--output_dir", out, "--model_config", self.a.model_config, "--seed", self.a.seed,
                "--dropout", self.a.dropout, "--eval_data", self.shards(phase) / "heldout",
                "--eval_interval_samples", self.a.eval_interval_samples, "--noise_scale_interval",
-               self.a.noise_scale_interval, *extra]
+               self.a.noise_scale_interval, "--overwrite", *extra]  # a demo run starts afresh
         return self.sh(f"pretrain {out.relative_to(self.out)} ({Path(config).name}, {world} ranks)", cmd)
 
     def recipe(self, r: Recipe) -> Path:

@@ -16,10 +16,12 @@ or another ZeRO stage than phase 1.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,18 +32,83 @@ from lbllm.utils import make_temp_dir, publish_directory
 
 CHECKPOINT_SUBDIR = "checkpoints"
 PHASE_STATE = "phase_state.pt"
+RNG_FILE = "rng_state_rank{rank}.pt"  # one per rank, inside the checkpoint's tag directory
+# What a finished or interrupted run leaves in its output dir.
+RUN_MARKERS = ("metrics.jsonl", CHECKPOINT_SUBDIR, "final", PHASE_STATE, "run.json")
 
 
 def step_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
+def rng_state() -> dict[str, Any]:
+    """Every generator a step may draw from (dropout: torch's CPU or CUDA generator)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def save_checkpoint(engine: Any, output_dir: Path, step: int, client_state: dict) -> str:
-    """Save DeepSpeed state; `latest` is written last by DeepSpeed, so a crash mid-save
-    leaves `latest` pointing at the previous complete checkpoint."""
+    """Save DeepSpeed state plus this rank's RNG state. The RNG files go into the tag
+    directory first and DeepSpeed writes `latest` last, so a crash mid-save leaves
+    `latest` pointing at the previous complete checkpoint."""
     tag = step_tag(step)
+    tag_dir = Path(output_dir) / CHECKPOINT_SUBDIR / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = _rank_world()
+    path = tag_dir / RNG_FILE.format(rank=rank)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"world_size": world, **rng_state()}, tmp)
+    os.replace(tmp, path)
     engine.save_checkpoint(str(Path(output_dir) / CHECKPOINT_SUBDIR), tag=tag, client_state=client_state)
     return tag
+
+
+def restore_rng(output_dir: Path, step: int) -> bool:
+    """Put this rank's generators back where they were at the checkpoint of `step`.
+    False when that is not possible: a checkpoint without RNG files (an older version)
+    or one saved by another number of ranks (then each rank keeps its own seeded stream)."""
+    rank, world = _rank_world()
+    path = Path(output_dir) / CHECKPOINT_SUBDIR / step_tag(step) / RNG_FILE.format(rank=rank)
+    if not path.is_file():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy state inside
+    if state.get("world_size") != world:
+        return False
+    set_rng_state(state)
+    return True
+
+
+def existing_run(output_dir: Path) -> list[str]:
+    """What in `output_dir` shows that a run already wrote there (empty: nothing)."""
+    out = Path(output_dir)
+    return [name for name in RUN_MARKERS if (out / name).exists()]
+
+
+def clear_run(output_dir: Path) -> None:
+    """--overwrite: remove what an earlier run wrote (only those entries) before starting."""
+    out = Path(output_dir)
+    for name in existing_run(out):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
 
 
 def has_checkpoint(output_dir: Path) -> bool:

@@ -45,6 +45,9 @@ class RunConfig:
     """auto: continue from the newest checkpoint in output_dir."""
     save_interval: int = 0
     """Optimizer steps between checkpoints (0: only at the end)."""
+    overwrite: bool = False
+    """Start from scratch in an output_dir that holds an earlier run (its metrics,
+    checkpoints and export are deleted first); without it such a dir needs --resume auto."""
     max_seq_length: int | None = None
     """Fail unless the shards have this sequence length."""
     loss_normalization: str = field(default="global", metadata={"choices": ("global", "micro")})

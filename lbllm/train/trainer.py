@@ -74,6 +74,13 @@ def prepare(run: RunConfig) -> Setup:
             f"{run.data_dir}: {len(dataset)} samples is fewer than one global batch "
             f"(train_batch_size={resolved.layout.global_batch_size}); prepare more data or lower the batch"
         )
+    layout = resolved.layout
+    if run.noise_scale_interval and layout.micro_batch_size >= layout.global_batch_size:
+        raise ConfigError(
+            f"--noise_scale_interval {run.noise_scale_interval}: the noise scale compares a micro-batch's gradient "
+            f"with the global batch's, but both are {layout.global_batch_size} sequences here; lower "
+            "train_micro_batch_size_per_gpu (more gradient accumulation), run on more ranks, or pass 0")
+    check_output_dir(run)
     eval_dataset = None
     if run.eval_data is not None:
         eval_dataset = PretrainingDataset(run.eval_data, tokenizer_dir=run.tokenizer)
@@ -81,6 +88,18 @@ def prepare(run: RunConfig) -> Setup:
             raise ConfigError(f"--eval_data {run.eval_data}: seq length {eval_dataset.seq_length} exceeds the model's "
                               f"{bert_config.max_position_embeddings} positions")
     return Setup(run, resolved, dataset, tokenizer, bert_config, max_steps, eval_dataset)
+
+
+def check_output_dir(run: RunConfig) -> None:
+    """An output dir holding an earlier run is continued (--resume auto) or replaced
+    (--overwrite), never silently mixed with a new one."""
+    if run.resume and run.overwrite:
+        raise ConfigError("--resume auto and --overwrite contradict each other: pass one of them")
+    found = ckpt.existing_run(run.output_dir)
+    if found and run.resume is None and not run.overwrite:
+        raise ConfigError(
+            f"--output_dir {run.output_dir}: holds an earlier run ({', '.join(found)}); pass --resume auto to "
+            "continue it, --overwrite to start again from scratch, or another --output_dir")
 
 
 class Trainer:
@@ -101,6 +120,8 @@ class Trainer:
     def build(self) -> None:
         """Model and DeepSpeed engine; the start-up log and OUT/run.json say what runs."""
         s, run, layout = self.s, self.run, self.s.resolved.layout
+        if run.overwrite and self.is_main:
+            ckpt.clear_run(run.output_dir)  # before anything of this run is written
         seed_everything(run.seed)
         configure_cpu_threads()
         self.engine, self.opt = initialize(PretrainingModel(build_pretraining_model(s.bert_config)), s.resolved)
@@ -155,6 +176,11 @@ class Trainer:
             rank=self.rank, seed=run.seed, consumed_samples=0 if sampler_state else self.consumed)
         if sampler_state:  # exact position, also across batch-size changes and world sizes
             sampler.load_state_dict(sampler_state)
+        if self.step > 0 and run.resume == "auto" and not ckpt.restore_rng(run.output_dir, self.step):
+            # Dropout continues on fresh per-rank streams: the run is sound, not bit-identical.
+            seed_everything(run.seed + 1_000_003 * self.step + self.rank)
+            self._log(f"checkpoint of step {self.step} has no RNG state for {layout.world_size} rank(s); "
+                      "dropout continues on new random streams")
         return sampler
 
     def batch_size_at(self, step: int) -> int:
