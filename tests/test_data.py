@@ -22,6 +22,7 @@ import pytest
 import helpers
 
 from lbllm.data import DataError, GlobalBatchSampler, Manifest, PretrainingDataset, tokenizer_fingerprint
+from lbllm.prep import create
 from lbllm.prep.inputs import CorpusStats, ReadOptions, Source, expand_inputs, plan_units, read_documents
 from lbllm.data.masking import MaskingConfig, mask_tokens, row_keys, uniform
 from lbllm.data.sampler import FeistelPermutation
@@ -578,13 +579,12 @@ def test_nsp_pairs_are_actual_or_random_continuations(data, everything):
 def test_whole_word_masking_masks_whole_words(data):
     from lbllm.prep.samples import documents_to_samples
 
-    create_shards = load_script("create_shards")
-    info = create_shards.load_tokenizer(data["tok"])
+    info = create.load_tokenizer(data["tok"])
     cfg = SampleConfig(max_seq_length=SEQ, max_predictions_per_seq=PREDS, whole_word_mask=True)
-    create_shards._init_worker(info.json, info.vocab, cfg, 0, False)
+    create._init_worker(info.json, info.vocab, cfg, 0, False)
     unit = plan_units(data["files"][:1], 30_000)[0]
     stats = CorpusStats()
-    docs = tokenize_documents(create_shards._STATE["tokenizer"], split_documents(read_documents(unit, stats)), SEQ - 3,
+    docs = tokenize_documents(create._STATE["tokenizer"], split_documents(read_documents(unit, stats)), SEQ - 3,
                               stats)
     batch = documents_to_samples(docs, cfg, info.vocab, 0, 0, stats)
     cont = info.vocab.continuation_mask()
@@ -760,8 +760,10 @@ def test_interrupted_run_leaves_no_output(data, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if the user hit Ctrl-C after the first shard
         return original_write(self, arrays)
 
-    original_write = create_shards.ShardWriter._write
-    monkeypatch.setattr(create_shards.ShardWriter, "_write", failing_write)
+    from lbllm.prep.shard_writer import ShardWriter
+
+    original_write = ShardWriter._write
+    monkeypatch.setattr(ShardWriter, "_write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         create_shards.run(job)
     assert list(tmp_path.iterdir()) == []  # neither OUT nor OUT.tmp-*
@@ -909,7 +911,7 @@ def _reference_selection(ids, lengths, cfg: MaskingConfig, keys) -> list[list[in
 def test_vectorized_selection_matches_the_reference_loop(data, everything, whole_word):
     """The batch-vectorized selection equals the reference's per-row loop on the same
     random draws, for plain and whole-word masking."""
-    info = load_script("create_shards").load_tokenizer(data["tok"])
+    info = create.load_tokenizer(data["tok"])
     cfg = MaskingConfig(max_predictions=PREDS, masked_lm_prob=0.15, mask_id=4, special_ids=info.vocab.special_ids,
                         vocab_size=info.vocab.size, whole_word_mask=whole_word,
                         continuation_ids=tuple(np.flatnonzero(info.vocab.continuation_mask()).tolist()))
