@@ -10,7 +10,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -348,21 +348,7 @@ def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> Manifest:
         held_cfg = heldout_config(cfg)
         held = SetTally(ShardWriter(tmp / HELDOUT_DIR, job.samples_per_shard, dtype, shard_fields("static")), held_cfg)
     stats = CorpusStats()
-    init_args = (info.json, info.vocab, cfg, job.seed, job.workers > 1, job.read, plan.sources, job.heldout_fraction)
-    jobs = [(plan.first + i, u) for i, u in enumerate(units)]  # global unit index: the seed
-    pool = None
-    if job.workers > 1 and len(units) > 1:
-        for source in plan.sources:
-            if source.kind == "hf":
-                open_hf_dataset(source)  # forked workers inherit the open (memory-mapped) dataset
-        # Fork before tqdm starts its monitor thread (forking a threaded process is unsafe).
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(min(job.workers, len(units)), initializer=_init_worker, initargs=init_args)
-        results = pool.imap(_process_unit, jobs)  # ordered: unit i is written i-th
-    else:
-        _init_worker(*init_args[:4], single_thread=False, read=job.read, sources=plan.sources,
-                     heldout_fraction=job.heldout_fraction)
-        results = map(_process_unit, jobs)
+    pool, results = _unit_results(job, plan, units)
     progress = Progress(sum(u.num_bytes for u in units))
     try:
         for num_bytes, arrays, heldout_arrays, unit_stats in results:
@@ -379,6 +365,32 @@ def write_shards(job: ShardJob, plan: Plan, tmp: Path) -> Manifest:
         progress.close()
         if pool is not None:
             pool.terminate()
+    return _write_manifests(job, plan, tmp, stats, train, shards, held, heldout_shards)
+
+
+def _unit_results(job: ShardJob, plan: Plan, units: Sequence[TextUnit]) -> tuple[Any, Iterator]:
+    """(pool or None, the processed units in order): in forked workers when there are
+    several units and workers, else in this process."""
+    info, cfg = plan.info, job.samples
+    init_args = (info.json, info.vocab, cfg, job.seed, job.workers > 1, job.read, plan.sources, job.heldout_fraction)
+    jobs = [(plan.first + i, u) for i, u in enumerate(units)]  # global unit index: the seed
+    if job.workers > 1 and len(units) > 1:
+        for source in plan.sources:
+            if source.kind == "hf":
+                open_hf_dataset(source)  # forked workers inherit the open (memory-mapped) dataset
+        # Fork before tqdm starts its monitor thread (forking a threaded process is unsafe).
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(min(job.workers, len(units)), initializer=_init_worker, initargs=init_args)
+        return pool, pool.imap(_process_unit, jobs)  # ordered: unit i is written i-th
+    _init_worker(*init_args[:4], single_thread=False, read=job.read, sources=plan.sources,
+                 heldout_fraction=job.heldout_fraction)
+    return None, map(_process_unit, jobs)
+
+
+def _write_manifests(job: ShardJob, plan: Plan, tmp: Path, stats: CorpusStats, train: SetTally, shards: list,
+                     held: SetTally | None, heldout_shards: list | None) -> Manifest:
+    """The manifest of the training set (and of the held-out set), written last."""
+    info, units = plan.info, plan.units[plan.first : plan.end]
     samples = train.samples
     if samples == 0 and job.num_parts == 1:
         where = " ".join(job.inputs) or job.hf_dataset
