@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -18,12 +19,15 @@ from test_pretrain import pretrain
 LOGGED = ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "lr", "samples", "grad_norm")
 
 
-def _kill_after(cmd: list, out, steps_logged: int, timeout: float = 400.0) -> None:
-    """Start `cmd` in its own process group and SIGKILL the whole group (launcher and
-    ranks, as a node failure would) once `steps_logged` steps are in metrics.jsonl."""
+def _signal_after(cmd: list, out, steps_logged: int, sig: int = signal.SIGKILL, timeout: float = 400.0
+                  ) -> tuple[int, float]:
+    """Start `cmd` in its own process group and send `sig` to the whole group (launcher
+    and ranks, as a node failure or a scheduler does) once `steps_logged` steps are in
+    metrics.jsonl. Returns the exit code and the seconds from the signal to the exit."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    log = open(out.parent / f"{out.name}.stderr", "w+")  # a file: a full pipe would block the run
     proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -35,10 +39,40 @@ def _kill_after(cmd: list, out, steps_logged: int, timeout: float = 400.0) -> No
             time.sleep(0.05)
         else:
             raise AssertionError(f"step {steps_logged} not reached in {timeout:.0f}s")
+        t0 = time.monotonic()
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=120)
+        while time.monotonic() - t0 < 120:  # the ranks may outlive the launcher: wait for the group
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        seconds = time.monotonic() - t0
+        log.seek(0)
+        _signal_after.stderr = log.read()
+        return proc.returncode, seconds
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            proc.wait()
+        log.close()
+
+
+def _cmd(procs: int, cfg, data, out, *flags) -> list:
+    launcher = deepspeed_cmd(procs) if procs > 1 else [sys.executable]
+    return [*launcher, "pretrain_bert.py", "--deepspeed_config", cfg, "--data_dir", data / "shards_64",
+            "--output_dir", out, "--model_config", "tiny", "--seed", "3", *flags]
+
+
+def _assert_same_run(full, part, label) -> None:
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        assert {k: rb.get(k) for k in LOGGED} == {k: ra.get(k) for k in LOGGED}, (ra["step"], label)
+    wa, wb = load_file(full / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all((wa[k] == wb[k]).all() for k in wa), label
 
 
 def test_kill9_then_resume_auto_is_exact_with_dropout(tiny_data, tmp_path):
@@ -53,18 +87,38 @@ def test_kill9_then_resume_auto_is_exact_with_dropout(tiny_data, tmp_path):
     pretrain(tiny_data, full, cfg, *flags, procs=2)
     kill_at = random.Random().randint(2, 4)
     print(f"killing after step {kill_at} is logged")
-    cmd = [*deepspeed_cmd(2), "pretrain_bert.py", "--deepspeed_config", cfg, "--data_dir", tiny_data / "shards_64",
-           "--output_dir", part, "--model_config", "tiny", "--seed", "3", *flags]
-    _kill_after(cmd, part, kill_at)
+    _signal_after(_cmd(2, cfg, tiny_data, part, *flags), part, kill_at)
     proc = pretrain(tiny_data, part, cfg, *flags, "--resume", "auto", procs=2)
     assert "resumed from step" in proc.stderr and "new random streams" not in proc.stderr, proc.stderr[-3000:]
-    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for ra, rb in zip(a, b):
-        assert {k: rb.get(k) for k in LOGGED} == {k: ra.get(k) for k in LOGGED}, (ra["step"], kill_at)
-    wa, wb = load_file(full / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    assert all((wa[k] == wb[k]).all() for k in wa), kill_at
+    _assert_same_run(full, part, f"killed after step {kill_at}")
+
+
+@pytest.mark.parametrize("procs,sig", [(2, signal.SIGTERM), (1, signal.SIGUSR1)])
+def test_preemption_signal_checkpoints_exits_and_resumes_exactly(tiny_data, tmp_path, procs, sig):
+    """SIGTERM to the whole process group (what a scheduler sends; DeepSpeed's launcher
+    also forwards it to its ranks one by one), or SIGUSR1 to a single process: the ranks
+    agree on a step, finish it, checkpoint and exit 0 within seconds (the launcher itself
+    dies of the signal: the exit code a scheduler sees); --resume auto then continues exactly."""
+    cfg = write_ds_config(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4,
+                          zero_optimization={"stage": 2}, scheduler={"type": "WarmupPolyDecay", "params": {
+                              "warmup_num_steps": 2, "total_num_steps": 20}})
+    flags = ("--dropout", "0.1", "--max_steps", "20")
+    full, part = tmp_path / "full", tmp_path / "part"
+    pretrain(tiny_data, full, cfg, *flags, procs=procs)
+    code, seconds = _signal_after(_cmd(procs, cfg, tiny_data, part, *flags), part, 3, sig)
+    err = _signal_after.stderr
+    # One process exits 0. Under the launcher the ranks exit 0, but the `deepspeed` runner
+    # dies of the signal itself (-15, a shell's 143), or its launch.py exits 1.
+    assert code in ((-signal.SIGTERM, 1) if procs > 1 else (0,)), (code, err[-3000:])
+    assert seconds < 30, seconds  # inside the launcher's 30 s grace period
+    assert err.count(f"stopped by {signal.Signals(sig).name}") + err.count("stopped by a signal on another rank") >= 1
+    assert not (part / "final").exists()  # stopped, not finished
+    stopped_at = len(read_jsonl(part / "metrics.jsonl"))
+    assert 3 <= stopped_at < 20
+    assert (part / "checkpoints" / f"step{stopped_at:08d}").is_dir()
+    proc = pretrain(tiny_data, part, cfg, *flags, "--resume", "auto", procs=procs)
+    assert f"resumed from step {stopped_at}" in proc.stderr
+    _assert_same_run(full, part, f"{signal.Signals(sig).name} after step {stopped_at}")
 
 
 def test_without_rng_state_the_resumed_run_differs(tiny_data, tmp_path):

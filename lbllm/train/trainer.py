@@ -34,6 +34,7 @@ from lbllm.train.engine import (
 )
 from lbllm.train.eval import due, evaluate_mlm
 from lbllm.train.metrics import MetricsWriter
+from lbllm.train.preemption import PreemptionGuard
 from lbllm.train.prefetch import StepBatch, StepLoader
 from lbllm.train.telemetry import NoiseScaleMonitor, sgd_noise_scale
 from lbllm.utils import seed_everything, write_json_atomic
@@ -274,7 +275,8 @@ class Trainer:
         loader = StepLoader(s.dataset, sampler, self.batch_size_at, self.step + 1, s.max_steps,
                             pin_memory=self.engine.device.type == "cuda")
         progress = _progress_bar(s.max_steps, self.step, run.phase) if self.is_main else None
-        last, t_start = {}, time.perf_counter()
+        last, t_start, preempted = {}, time.perf_counter(), None
+        guard = PreemptionGuard().__enter__()
         try:
             while self.step < s.max_steps:
                 t0 = time.perf_counter()
@@ -290,13 +292,26 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
-                if run.save_interval and self.step % run.save_interval == 0 and self.step < s.max_steps:
+                saved = run.save_interval and self.step % run.save_interval == 0 and self.step < s.max_steps
+                if saved:
                     self._save(sampler_state)
+                if guard.agreed() and self.step < s.max_steps:
+                    preempted = guard.name
+                    if not saved:
+                        self._save(sampler_state)
+                    break
         finally:
+            guard.__exit__()
             loader.close()
             if progress is not None:
                 progress.close()
             metrics.close()
+        if preempted is not None:
+            if dist.is_initialized():
+                dist.barrier()
+            self._log(f"stopped by {preempted} after step {self.step} of {s.max_steps}: checkpoint saved; "
+                      "continue with --resume auto")
+            return {**last, "preempted": True}
         self.finish(sampler_state)
         self._log(f"done: {self.step} steps in {time.perf_counter() - t_start:.1f}s; final loss "
                   f"{last.get('loss', float('nan')):.4f}; model in {run.output_dir / 'final'}")
