@@ -93,10 +93,23 @@ def test_kill9_then_resume_auto_is_exact_with_dropout(tiny_data, tmp_path):
     _assert_same_run(full, part, f"killed after step {kill_at}")
 
 
-@pytest.mark.parametrize("procs,sig", [(2, signal.SIGTERM), (1, signal.SIGUSR1)])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_guard_catches_the_signals_and_restores_handlers(sig):
+    from lbllm.train.preemption import PreemptionGuard
+
+    before = signal.getsignal(sig)
+    with PreemptionGuard() as guard:
+        assert not guard.agreed()
+        os.kill(os.getpid(), sig)  # would end this process without the guard
+        time.sleep(0.01)
+        assert guard.agreed() and guard.name == signal.Signals(sig).name
+    assert signal.getsignal(sig) is before
+
+
+@pytest.mark.parametrize("procs,sig", [(2, signal.SIGTERM)])
 def test_preemption_signal_checkpoints_exits_and_resumes_exactly(tiny_data, tmp_path, procs, sig):
-    """SIGTERM to the whole process group (what a scheduler sends; DeepSpeed's launcher
-    also forwards it to its ranks one by one), or SIGUSR1 to a single process: the ranks
+    """SIGTERM to the whole process group of a 2-rank launch (what a scheduler sends;
+    DeepSpeed's launcher also forwards it to its ranks one by one): the ranks
     agree on a step, finish it, checkpoint and exit 0 within seconds (the launcher itself
     dies of the signal: the exit code a scheduler sees); --resume auto then continues exactly."""
     cfg = write_ds_config(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4,
