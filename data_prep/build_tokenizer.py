@@ -6,7 +6,9 @@ The pipeline is BERT's (Devlin et al. 2019): BertNormalizer (clean text, CJK spa
 lowercase + strip accents for uncased; ``--no_lowercase`` keeps case and accents, as
 cased BERT does), BertPreTokenizer (whitespace + punctuation), WordPiece with the
 ``##`` continuation prefix, special tokens [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0..4,
-and the ``[CLS] A [SEP] B [SEP]`` template with token types 0/1. The result is saved
+and the ``[CLS] A [SEP] B [SEP]`` template with token types 0/1. The same input and
+flags give the same vocabulary, id for id, in every run (the HF trainer alone does not:
+see ``lbllm/prep/tokenizer.py``). The result is saved
 through ``BertTokenizerFast.save_pretrained`` so both ``BertTokenizerFast`` and
 ``AutoTokenizer`` load DIR (vocab.txt, tokenizer.json, tokenizer_config.json).
 """
@@ -29,6 +31,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_lowercase", action="store_true", help="cased: keep case and accents")
     p.add_argument("--min_frequency", type=int, default=2)
     p.add_argument("--limit_alphabet", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="processes counting characters in the first pass (as create_shards.py)")
     return p.parse_args(argv)
 
 
@@ -50,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"build_tokenizer: --out {out} exists and is not a tokenizer directory; choose another path",
               file=sys.stderr)
         return 2
-    tok = train_tokenizer(files, cfg)
+    tok = train_tokenizer(files, cfg, max(1, args.workers))
     save_tokenizer(tok, cfg, out)
     print(f"build_tokenizer: {tok.get_vocab_size()} tokens from {len(files)} file(s) -> {out}", file=sys.stderr)
     return 0

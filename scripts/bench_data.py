@@ -13,6 +13,11 @@ same run:
     first batch. Target: under 5 s. Use ``--large`` for a prepared set made from 1 GB
     of text (``make_corpus.py --num_docs 1000000``; takes a while on 2 cores).
 
+(d) tokenizer training: ``train_tokenizer`` (deterministic: a numpy character-count
+    pass, then the HF trainer with the ``##`` characters reserved) against the HF
+    WordPiece trainer alone on the same text and cores. No target: the price of
+    reproducible vocabularies.
+
     python scripts/bench_data.py                      # ~20 MB corpus, a few minutes on 2 cores
     python scripts/bench_data.py --large --workdir /tmp/bench_data   # 1 GB for (c), ~30-40 min
     python scripts/bench_data.py --wikitext ../shared/data/wikitext-2  # (a) on real text too
@@ -194,6 +199,40 @@ def figure_c(data_dir: Path, tok: Path, label: str) -> dict:
     return {"label": label, "samples": int(n), "total_s": total, "open_s": float(open_s), "first_batch_s": float(first)}
 
 
+TOKENIZER_TRAINING = """
+import sys, time
+from pathlib import Path
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from lbllm.prep.tokenizer import SPECIAL_TOKENS, TokenizerConfig, bert_normalizer, train_tokenizer
+files, workers = [Path(f) for f in {files!r}], {workers}
+def plain():
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer, tok.pre_tokenizer = bert_normalizer(True), pre_tokenizers.BertPreTokenizer()
+    tok.train([str(f) for f in files], trainers.WordPieceTrainer(vocab_size=30522, special_tokens=list(SPECIAL_TOKENS),
+              limit_alphabet=1000, continuing_subword_prefix="##", show_progress=False))
+def ours():
+    train_tokenizer(files, TokenizerConfig(30522), workers)
+def timed(f):
+    t = time.perf_counter(); f(); return time.perf_counter() - t
+if __name__ == "__main__":
+    print(timed(plain), timed(ours), timed(plain))
+"""
+
+
+def figure_d(label: str, files: list[str], workers: int) -> dict:
+    """HF alone, ours, HF alone: the baseline is the mean of the two around ours."""
+    mb = sum(os.path.getsize(f) for f in files) / 2**20
+    script = Path(tempfile.mkdtemp(prefix="bench_tok-")) / "train.py"
+    script.write_text(TOKENIZER_TRAINING.format(files=files, workers=workers))
+    proc = subprocess.run([PY, str(script)], capture_output=True, text=True, check=True, cwd=ROOT,
+                          env={**os.environ, "RAYON_NUM_THREADS": str(workers), "TOKENIZERS_PARALLELISM": "true"})
+    before, ours, after = map(float, proc.stdout.split())
+    base = (before + after) / 2
+    print(f"(d) tokenizer training, {label} ({mb:.1f} MB, vocab 30,522): deterministic {ours:.1f} s vs the HF "
+          f"trainer alone {base:.1f} s ({before:.1f} before, {after:.1f} after) = {ours / base:.2f}x the time")
+    return {"label": label, "mb": mb, "deterministic_s": ours, "hf_alone_s": [before, after], "ratio": ours / base}
+
+
 def wikitext_files(directory: Path, work: Path, repeat: int) -> list[str]:
     """The WikiText file(s), concatenated ``repeat`` times: the same real text, long
     enough that the fixed start-up of a process does not dominate."""
@@ -236,6 +275,9 @@ def main(argv=None) -> int:
         results["b"] = (figure_b(work / "static", "static") + figure_b(work / "dynamic", "dynamic")
                         + figure_b(work / "dynamic-wwm", "dynamic+wwm"))
         results["c"] = [figure_c(work / "static", tok, f"the {a.num_docs:,}-doc set")]
+        results["d"] = [figure_d(f"synthetic corpus ({a.num_docs:,} docs)", files, a.workers)]
+        if a.wikitext:
+            results["d"].append(figure_d(f"WikiText x{a.wikitext_repeat}", wiki, a.workers))
         if a.large:
             large_files = make_corpus(work, a.large_docs, a.workers)
             large = work / "large"

@@ -160,6 +160,77 @@ def test_tokenizer_loads_with_transformers(data):
     assert any(t.startswith("##") for t in vocab)
 
 
+def _plain_hf_vocab(files, vocab_size: int, limit_alphabet: int = 1000) -> list[str]:
+    """The HF trainer alone, as build_tokenizer used it before: the control."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from lbllm.prep.tokenizer import SPECIAL_TOKENS, bert_normalizer
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer, tok.pre_tokenizer = bert_normalizer(True), pre_tokenizers.BertPreTokenizer()
+    tok.train([str(f) for f in files], trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), limit_alphabet=limit_alphabet,
+        continuing_subword_prefix="##", show_progress=False))
+    vocab = tok.get_vocab()
+    return sorted(vocab, key=vocab.get)
+
+
+def _vocab(tok) -> list[str]:
+    vocab = tok.get_vocab()
+    return sorted(vocab, key=vocab.get)
+
+
+def test_tokenizer_training_is_deterministic(tmp_path):
+    """Thirteen two-letter words, each seen 3 times: every merge ties, and the HF trainer
+    breaks the ties by hash-map order (tokenizers#1794), so which 6 merges fit in the
+    vocabulary changes from run to run. build_tokenizer's must not, id for id; also when
+    the alphabet limit cuts through characters of equal count."""
+    from lbllm.prep.tokenizer import TokenizerConfig, train_tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = [letters[i] + letters[i + 1] for i in range(0, 26, 2)]
+    (tmp_path / "c.txt").write_text("\n".join([" ".join(words)] * 3) + "\n")
+    files = [tmp_path / "c.txt"]
+    size = 5 + 26 + 13 + 6
+    plain = {tuple(_plain_hf_vocab(files, size)) for _ in range(4)}
+    assert len(plain) > 1, "control: the HF trainer alone gave the same vocabulary 4 times"
+    for limit in (1000, 20):  # 20 of 26 letters, all of count 3
+        runs = {tuple(_vocab(train_tokenizer(files, TokenizerConfig(size, limit_alphabet=limit), workers)))
+                for workers in (1, 2, 1, 2)}
+        assert len(runs) == 1, f"limit_alphabet {limit}: {len(runs)} different vocabularies in 4 runs"
+        vocab = list(runs.pop())
+        if limit == 1000:
+            assert len(vocab) == size and vocab[5:31] == list(letters)  # specials, alphabet, ##chars, merges
+            assert sorted(vocab[31:44]) == vocab[31:44] == ["##" + w[1] for w in words]
+            assert all(t in words for t in vocab[44:])
+        else:
+            assert vocab[5:25] == list(letters[:20])  # the tie cut by code point
+
+
+def test_tokenizer_alphabet_matches_the_hf_trainer(tmp_path):
+    """The first pass counts characters the way the trainer sees words (normalizer, then
+    whitespace and punctuation splits): the alphabet and the ## characters are exactly the
+    HF trainer's own, on text with accents, CJK, punctuation inside words and symbols."""
+    from lbllm.prep.tokenizer import TokenizerConfig, train_tokenizer
+
+    text = ("Café naïve résumé don't stop—now! x² = y³ + 1; 東京都 is big. (e-mail) a_b "
+            "Ångström ﬁne ÆØ $5 #tag @you ~tilde `tick` ½ \u00a0nbsp tab\there ok…\n") * 3
+    (tmp_path / "u.txt").write_text(text, encoding="utf-8")
+    files = [tmp_path / "u.txt"]
+    ours = _vocab(train_tokenizer(files, TokenizerConfig(6)))  # no merges fit: alphabet + ##chars only
+    theirs = _plain_hf_vocab(files, 6)
+    assert sorted(ours) == sorted(theirs) and len(ours) > 40
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_fast_normalizer_equals_the_rust_one(lowercase):
+    from lbllm.prep.tokenizer import bert_normalizer, normalize_fast
+
+    text = ("Ünïcödé ÀÉÎÕÜ ﬁ ǅ İstanbul ΣΑΣ σς 東京 e\u0301 a\u0308\u0301 \x00\x07\ufffd \u200b\u00ad "
+            "tab\tnl\n\r\u3000\u2028 ½ x² Ⅻ 🙂 Straße ﬀ\n") * 2
+    assert normalize_fast(text, lowercase) == bert_normalizer(lowercase).normalize_str(text)
+
+
 def test_build_tokenizer_without_input_writes_nothing(tmp_path):
     proc = cli("build_tokenizer.py", "--input", str(tmp_path / "nope*.txt"), "--vocab_size", 100,
                "--out", tmp_path / "tok", check=False)
