@@ -19,12 +19,15 @@ minutes; the learning rates in ds_configs/demo_*.json come from `--tune_lr` (the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,18 +66,36 @@ class Demo:
         self.total_steps = (4 + len(RECIPES) * len(TUNE_FACTORS) if args.tune_lr
                             else 4 + 2 * len(RECIPES) + 1 + len(RECIPES) + 1 + 1)
         self.t0 = time.perf_counter()
+        self.lock = threading.Lock()
+        self.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
 
-    def sh(self, title: str, cmd: list) -> float:
-        """Run one stage with its progress on the terminal; stop the demo if it fails."""
-        self.step_no += 1
+    def sh(self, title: str, cmd: list, lane: str | None = None) -> float:
+        """Run one stage; stop the demo if it fails. Inside a lane (stages that run
+        concurrently) its output goes to OUT/logs/ and the terminal gets a start and an
+        end line; otherwise the terminal shows its progress."""
+        with self.lock:
+            self.step_no += 1
+            no = self.step_no
         elapsed = time.perf_counter() - self.t0
-        print(f"\n=== [{self.step_no}/{self.total_steps}] {title}  (demo time {elapsed / 60:.1f} min)", flush=True)
+        print(f"\n=== [{no}/{self.total_steps}] {title}  (demo time {elapsed / 60:.1f} min)", flush=True)
         t = time.perf_counter()
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        rc = subprocess.call([str(c) for c in cmd], cwd=ROOT, env=env)
+        log = None
+        if lane is not None:
+            env["OMP_NUM_THREADS"] = str(self.threads)  # the lanes share the cores
+            (self.out / "logs").mkdir(parents=True, exist_ok=True)
+            log = self.out / "logs" / f"{no:02d}-{lane}.log"
+        with open(log, "w") if log else contextlib.nullcontext() as f:
+            rc = subprocess.call([str(c) for c in cmd], cwd=ROOT, env=env,
+                                 **({"stdout": f, "stderr": subprocess.STDOUT} if log else {}))
+        seconds = time.perf_counter() - t
         if rc != 0:
-            sys.exit(f"demo: stage '{title}' failed with exit code {rc}")
-        return time.perf_counter() - t
+            tail = log.read_text()[-3000:] if log else ""
+            print(f"{tail}\ndemo: stage '{title}' failed with exit code {rc}", file=sys.stderr, flush=True)
+            os._exit(1)  # from any lane: stop everything
+        if log:
+            print(f"    [{no}] done in {seconds / 60:.1f} min ({log.relative_to(self.out)})", flush=True)
+        return seconds
 
     def shards(self, phase: int) -> Path:
         return self.data / f"shards_{SEQ[phase][0]}"
@@ -94,7 +115,8 @@ class Demo:
                 "--max_seq_length", seq, "--max_predictions_per_seq", preds, "--workers", 2, "--seed", self.a.seed,
                 "--heldout_fraction", self.a.heldout_fraction, "--out", self.shards(phase)])
 
-    def pretrain(self, config: str | Path, phase: int, out: Path, extra: list = (), world: int | None = None) -> float:
+    def pretrain(self, config: str | Path, phase: int, out: Path, extra: list = (), world: int | None = None,
+                 lane: str | None = None) -> float:
         world = self.a.world if world is None else world
         deepspeed = str(Path(PY).parent / "deepspeed")  # the launcher of this virtualenv
         launcher = [deepspeed, "--num_gpus", world, "--master_port", free_port()] if world > 1 else [PY]
@@ -104,32 +126,41 @@ class Demo:
                "--dropout", self.a.dropout, "--eval_data", self.shards(phase) / "heldout",
                "--eval_interval_samples", self.a.eval_interval_samples, "--noise_scale_interval",
                self.a.noise_scale_interval, "--overwrite", *extra]  # a demo run starts afresh
-        return self.sh(f"pretrain {out.relative_to(self.out)} ({Path(config).name}, {world} ranks)", cmd)
+        return self.sh(f"pretrain {out.relative_to(self.out)} ({Path(config).name}, {world} ranks)", cmd, lane)
 
-    def recipe(self, r: Recipe) -> Path:
+    def recipe(self, r: Recipe) -> None:
+        """One lane: phase 1 -> phase 2 -> SQuAD."""
         p1, p2 = self.out / r.key / "phase1", self.out / r.key / "phase2"
-        self.pretrain(r.phase1, 1, p1)
-        self.pretrain(r.phase2, 2, p2, ["--phase", 2, "--init_checkpoint", p1])
-        return p2 / "final"
+        self.pretrain(r.phase1, 1, p1, lane=r.key)
+        self.pretrain(r.phase2, 2, p2, ["--phase", 2, "--init_checkpoint", p1], lane=r.key)
+        self.squad(self.out / r.key, p2 / "final", lane=r.key)
 
-    def squad(self, run_dir: Path, model_dir: Path) -> None:
+    def random_init(self) -> None:
+        """The third lane: the same fine-tuning from an untrained model."""
+        scratch = self.out / "none"
+        self.pretrain(RECIPES[0].phase2, 2, scratch / "init", ["--max_steps", 0], world=1, lane="none")
+        self.squad(scratch, scratch / "init" / "final", lane="none")
+
+    def squad(self, run_dir: Path, model_dir: Path, lane: str | None = None) -> None:
         a = self.a
         self.sh(f"SQuAD v1.1 fine-tune + eval, seeds {a.squad_seeds}: {run_dir.name}", [
             PY, "scripts/run_squad.py", "--model_dir", model_dir, "--train_file", self.data / "squad/train.json",
             "--predict_file", self.data / "squad/dev.json", "--output_dir", run_dir / "squad",
             "--epochs", a.squad_epochs, "--batch_size", a.squad_batch_size, "--lr", a.squad_lr,
             "--max_seq_length", SEQ[2][0], "--doc_stride", a.squad_doc_stride, "--seeds", a.squad_seeds,
-            "--no_progress"])
+            "--no_progress"], lane)
 
     def main(self) -> None:
         self.prepare_data()
         if self.a.tune_lr:
             return self.tune()
-        for r in RECIPES:
-            self.squad(self.out / r.key, self.recipe(r))
+        lanes = [lambda r=r: self.recipe(r) for r in RECIPES] + [self.random_init]
+        print(f"\n{len(lanes)} independent lanes (AdamW, LAMB, random init), {self.a.jobs} at a time, "
+              f"{self.threads} thread(s) per process; each stage's output is in {self.out}/logs/", flush=True)
+        with ThreadPoolExecutor(self.a.jobs) as pool:
+            for f in [pool.submit(lane) for lane in lanes]:
+                f.result()
         scratch = self.out / "none"
-        self.pretrain(RECIPES[0].phase2, 2, scratch / "init", ["--max_steps", 0], world=1)  # export a random init
-        self.squad(scratch, scratch / "init" / "final")
         self.step_no += 1
         print(f"\n=== [{self.step_no}/{self.total_steps}] compare the runs (scripts/compare_runs.py)", flush=True)
         dirs = [self.out / r.key for r in RECIPES] + [scratch]
@@ -214,6 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--heldout_fraction", type=float, default=0.05)
     p.add_argument("--model_config", default="tiny")
+    p.add_argument("--jobs", type=int, default=3,
+                   help="lanes run at once (AdamW, LAMB, random init), the cores split among them; 3 on 2 cores "
+                        "keeps both busy to the end (1 thread each); 1: one after another")
     p.add_argument("--world", type=int, default=1,
                    help="DeepSpeed ranks per pretraining run (2+: the deepspeed launcher; the math is the same, "
                         "and on 2 cores one rank is faster for a model this small)")

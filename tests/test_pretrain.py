@@ -36,21 +36,58 @@ def test_single_process_run_writes_metrics_and_hf_model(tiny_data, tmp_path):
     AutoModelForQuestionAnswering.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert model.config.vocab_size == len(tok)
+    # Without ZeRO: scripts/export_hf.py reads the checkpoint file; the run's own export
+    # took the live module's weights. Both must be the same model.
+    run_cli(sys.executable, "scripts/export_hf.py", out, tmp_path / "exported")
+    assert_same_logits(out / "final", tmp_path / "exported", tok)
+
+
+def assert_same_logits(dir_a, dir_b, tok, weights=None) -> None:
+    """Two exports (or an export and a by-name weight dict) give identical MLM and NSP logits."""
+    from transformers import AutoModelForPreTraining
+
+    a, b = AutoModelForPreTraining.from_pretrained(dir_a), AutoModelForPreTraining.from_pretrained(dir_b)
+    if weights is not None:
+        missing, unexpected = a.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()}, strict=False)
+        assert not unexpected and all("decoder" in k for k in missing), (missing, unexpected)
+    batch = tok(["kalo mi ren tu", "mi kalo"], ["tu ren", "ren"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out_a, out_b = a.eval()(**batch), b.eval()(**batch)
+    assert torch.equal(out_a.prediction_logits, out_b.prediction_logits)
+    assert torch.equal(out_a.seq_relationship_logits, out_b.seq_relationship_logits)
 
 
 def test_two_rank_zero3_bf16_lamb_runs_and_exports(tiny_data, tmp_path):
-    """LAMB under ZeRO 3 + bf16 through pretrain_bert.py: trains, saves, exports fp32 HF weights."""
-    from transformers import AutoModelForPreTraining
+    """LAMB under ZeRO 3 + bf16 through pretrain_bert.py: trains, saves, exports fp32 HF
+    weights; --keep_last 2 leaves the newest two checkpoints, and scripts/export_hf.py
+    exports any of them in one process from the 2 ranks' partitions."""
+    from transformers import AutoModelForPreTraining, AutoModelForQuestionAnswering, AutoTokenizer
 
     cfg = write_ds_config(tmp_path / "z3.json", train_batch_size=8, train_micro_batch_size_per_gpu=4,
                           zero_optimization={"stage": 3}, bf16={"enabled": True})
     out = tmp_path / "z3"
-    proc = pretrain(tiny_data, out, cfg, "--max_steps", "2", procs=2)
+    proc = pretrain(tiny_data, out, cfg, "--max_steps", "3", "--save_interval", "1", "--keep_last", "2", procs=2)
     assert "ZeRO 3" in proc.stderr
     rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
     model = AutoModelForPreTraining.from_pretrained(out / "final")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000002", "step00000003"]
+
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    run_cli(sys.executable, "scripts/export_hf.py", out, tmp_path / "last")  # latest = step 3
+    # The reference is the live engine's fp32 masters, gathered by name at the end of the
+    # run (phase_state.pt, DeepSpeed's safe_get_full_fp32_param): another path than the files.
+    live = torch.load(out / "phase_state.pt")["weights"]
+    assert_same_logits(out / "final", tmp_path / "last", tok, weights=live)
+    run_cli(sys.executable, "scripts/export_hf.py", out, tmp_path / "two", "--tag", "step00000002")
+    AutoModelForQuestionAnswering.from_pretrained(tmp_path / "two")
+    step2 = AutoModelForPreTraining.from_pretrained(tmp_path / "two").state_dict()
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in step2.items())  # another step's weights
+    proc = run_cli(sys.executable, "scripts/export_hf.py", out, tmp_path / "one", "--tag", "step00000001",
+                   check=False)
+    assert proc.returncode == 2 and "available: step00000002, step00000003" in proc.stderr
+    assert not (tmp_path / "one").exists()
 
 
 def test_two_rank_zero2_phase1_then_phase2(tiny_data, tmp_path):

@@ -79,6 +79,27 @@ def save_checkpoint(engine: Any, output_dir: Path, step: int, client_state: dict
     return tag
 
 
+def latest_tag(output_dir: Path) -> str | None:
+    path = Path(output_dir) / CHECKPOINT_SUBDIR / "latest"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def checkpoint_tags(output_dir: Path) -> list[str]:
+    """The run's checkpoint tags, oldest first."""
+    root = Path(output_dir) / CHECKPOINT_SUBDIR
+    return sorted(p.name for p in root.glob("step" + "[0-9]" * 8) if p.is_dir()) if root.is_dir() else []
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> list[str]:
+    """--keep_last: remove all but the newest ``keep`` checkpoints, never the one
+    ``latest`` names (so a crash inside this leaves a loadable run); returns the removed."""
+    tags, latest = checkpoint_tags(output_dir), latest_tag(output_dir)
+    removed = [t for t in tags[:-keep] if t != latest] if keep > 0 else []
+    for tag in removed:
+        shutil.rmtree(Path(output_dir) / CHECKPOINT_SUBDIR / tag, ignore_errors=True)
+    return removed
+
+
 def restore_rng(output_dir: Path, step: int) -> bool:
     """Put this rank's generators back where they were at the checkpoint of `step`.
     False when that is not possible: a checkpoint without RNG files (an older version)
@@ -251,6 +272,17 @@ def fp32_module_state_dict(engine: Any, output_dir: Path, tag: str, zero_stage: 
         return None
     if zero_stage == 0:
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    return checkpoint_module_state_dict(output_dir, tag, zero_stage)
+
+
+def checkpoint_module_state_dict(output_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the module from a saved checkpoint, in one process, whatever
+    the world size that wrote it: DeepSpeed's zero_to_fp32 joins the ZeRO partitions of
+    the fp32 masters; without ZeRO each rank saved the whole module."""
+    tag_dir = Path(output_dir) / CHECKPOINT_SUBDIR / tag
+    if zero_stage == 0 and not any(tag_dir.glob("*zero_pp_rank_*")):
+        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.detach().float() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(Path(output_dir) / CHECKPOINT_SUBDIR), tag=tag)

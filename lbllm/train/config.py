@@ -45,6 +45,10 @@ class RunConfig:
     """auto: continue from the newest checkpoint in output_dir."""
     save_interval: int = 0
     """Optimizer steps between checkpoints (0: only at the end)."""
+    save_interval_minutes: float = 0.0
+    """Also checkpoint when this many minutes have passed since the last one (0: off)."""
+    keep_last: int = 0
+    """Keep only the newest K checkpoints (0: keep all); the one `latest` names is never removed."""
     overwrite: bool = False
     """Start from scratch in an output_dir that holds an earlier run (its metrics,
     checkpoints and export are deleted first); without it such a dir needs --resume auto."""
@@ -86,8 +90,9 @@ class RunConfig:
             raise ConfigError(f"--eval_batch_size {self.eval_batch_size}: must be >= 1")
         if self.eval_data is None and self.eval_interval_samples:
             raise ConfigError("--eval_interval_samples needs --eval_data DIR (a held-out set, e.g. DATA_DIR/heldout)")
-        if self.save_interval < 0:
-            raise ConfigError(f"--save_interval {self.save_interval}: must be >= 0")
+        for name in ("save_interval", "save_interval_minutes", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")
         if not self.deepspeed_config.is_file():
             raise ConfigError(f"--deepspeed_config {self.deepspeed_config}: file not found")
         if not self.data_dir.is_dir():

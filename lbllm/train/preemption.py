@@ -17,7 +17,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionGuard:
-    """`with PreemptionGuard() as guard:` ... `if guard.agreed(): save and stop`."""
+    """`with PreemptionGuard() as guard:` ... `stop, _ = guard.agreed()`; if stop: save and stop."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -35,13 +35,15 @@ class PreemptionGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self) -> bool:
-        """True on every rank once any rank has received a signal (a collective: call it
-        on every rank after every step)."""
-        flag = torch.tensor([0.0 if self.received is None else 1.0])
+    def agreed(self, local_flag: bool = False) -> tuple[bool, bool]:
+        """(any rank has received a signal, any rank raised ``local_flag``), the same on
+        every rank: a collective, to call on every rank after every step. The second flag
+        carries a rank-local decision that all ranks must share (a checkpoint due by the
+        clock)."""
+        flags = torch.tensor([0.0 if self.received is None else 1.0, float(local_flag)])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
 
     @property
     def name(self) -> str:

@@ -149,7 +149,8 @@ class Trainer:
                 "global_batch_size": layout.global_batch_size, "micro_batch_size": layout.micro_batch_size,
                 "gradient_accumulation_steps": layout.gradient_accumulation_steps, "world_size": layout.world_size,
                 "zero_stage": s.resolved.zero_stage, "max_steps": s.max_steps, "seq_length": s.dataset.seq_length,
-                "model_config": run.model_config, "parameters": n_params,
+                "model_config": run.model_config, "parameters": n_params, "dropout": run.dropout,
+                "tokenizer": str(run.tokenizer),
                 "data_dir": str(run.data_dir), "num_samples": len(s.dataset), "seed": run.seed,
                 "eval_data": None if run.eval_data is None else str(run.eval_data),
                 "deepspeed_config": str(run.deepspeed_config), "init_checkpoint":
@@ -259,9 +260,12 @@ class Trainer:
         return ev
 
     def _save(self, sampler_state: dict) -> str:
-        return ckpt.save_checkpoint(self.engine, self.run.output_dir, self.step, {
+        tag = ckpt.save_checkpoint(self.engine, self.run.output_dir, self.step, {
             "step": self.step, "consumed_samples": self.consumed, "phase": self.run.phase,
             "sampler": sampler_state, "noise_scale": self.noise.state_dict()})
+        if self.run.keep_last and self.is_main:  # every rank has written it: DeepSpeed's save ends in a barrier
+            ckpt.prune_checkpoints(self.run.output_dir, self.run.keep_last)
+        return tag
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -275,7 +279,7 @@ class Trainer:
         loader = StepLoader(s.dataset, sampler, self.batch_size_at, self.step + 1, s.max_steps,
                             pin_memory=self.engine.device.type == "cuda")
         progress = _progress_bar(s.max_steps, self.step, run.phase) if self.is_main else None
-        last, t_start, preempted = {}, time.perf_counter(), None
+        last, t_start, preempted, last_save = {}, time.perf_counter(), None, time.monotonic()
         guard = PreemptionGuard().__enter__()
         try:
             while self.step < s.max_steps:
@@ -292,13 +296,15 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
-                saved = run.save_interval and self.step % run.save_interval == 0 and self.step < s.max_steps
-                if saved:
+                clock_due = run.save_interval_minutes > 0 and time.monotonic() - last_save >= 60 * run.save_interval_minutes
+                stop, clock_due = guard.agreed(clock_due)
+                saved = self.step < s.max_steps and (
+                    clock_due or bool(run.save_interval and self.step % run.save_interval == 0))
+                if saved or (stop and self.step < s.max_steps):
                     self._save(sampler_state)
-                if guard.agreed() and self.step < s.max_steps:
+                    last_save = time.monotonic()
+                if stop and self.step < s.max_steps:
                     preempted = guard.name
-                    if not saved:
-                        self._save(sampler_state)
                     break
         finally:
             guard.__exit__()
