@@ -6,7 +6,8 @@
     python pretrain_bert.py ...   # one process, no launcher
 
 Bad input (missing data or tokenizer, unknown optimizer, inconsistent batch sizes, ...)
-is reported as one line on stderr with exit code 2 before training starts.
+is reported as one line on stderr with exit code 2 before training starts. A run that
+keeps producing non-finite steps (--max_consecutive_skips) stops with exit code 3.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lbllm.train.engine import ensure_distributed_env
+    from lbllm.train.nonfinite import NonFiniteStop
     from lbllm.train.trainer import Trainer, prepare
 
     try:
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # e.g. a checkpoint that does not fit this run
         print(f"pretrain_bert.py: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteStop as exc:  # every rank stops at the same step
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pretrain_bert.py: error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

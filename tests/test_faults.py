@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from helpers import DIST_VARS, ROOT, deepspeed_cmd, write_ds_config
@@ -177,3 +178,70 @@ def test_noise_scale_needs_a_micro_batch_below_the_global_batch(tiny_data, tmp_p
         prepare(RunConfig(deepspeed_config=cfg, data_dir=tiny_data / "shards_64", output_dir=tmp_path / "o",
                           model_config="tiny", noise_scale_interval=2))
     assert not (tmp_path / "o").exists()
+
+
+def _same(a, b, path="") -> None:
+    """Deep equality of two loaded checkpoint files (tensors exactly)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif hasattr(a, "__dict__"):  # e.g. DeepSpeed's loss scaler
+        assert type(a) is type(b), path
+        _same(vars(a), vars(b), path)
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.mark.parametrize("procs,stage", [(1, 0), (2, 2)], ids=["1-rank-no-ZeRO", "2-rank-ZeRO-2"])
+def test_non_finite_steps_are_skipped_on_every_rank(tiny_data, tmp_path, procs, stage):
+    """--inject_nan_at_steps 3,4: those steps are skipped everywhere. The checkpoint after
+    step 4 holds exactly the weights, optimizer moments and LR schedule of the one after
+    step 2, metrics.jsonl counts the skips, and step 5 uses the LR step 3 would have used.
+    Without ZeRO the trainer skips the step itself; under ZeRO DeepSpeed does."""
+    cfg = write_ds_config(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4,
+                          zero_optimization={"stage": stage}, scheduler={"type": "WarmupPolyDecay", "params": {
+                              "warmup_num_steps": 2, "total_num_steps": 20}})
+    out = tmp_path / "run"
+    proc = pretrain(tiny_data, out, cfg, "--max_steps", "6", "--save_interval", "1", "--inject_nan_at_steps", "3,4",
+                    procs=procs)
+    assert proc.stderr.count("skipped on every rank") == 2
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 2]
+    assert all(r["loss"] == r["loss"] for r in rows)  # the logged statistics are the batch's own, never NaN
+    assert rows[4]["lr"] == rows[2]["lr"] and rows[3]["lr"] == rows[2]["lr"]
+    two, four = out / "checkpoints" / "step00000002", out / "checkpoints" / "step00000004"
+    files = sorted(p.name for p in two.glob("*.pt") if not p.name.startswith("rng_state"))
+    assert files == sorted(p.name for p in four.glob("*.pt") if not p.name.startswith("rng_state"))
+    for name in files:
+        a, b = (torch.load(d / name, map_location="cpu", weights_only=False) for d in (two, four))
+        if "model_states" in name:
+            _same(a["module"], b["module"], "module")
+            _same(a["lr_scheduler"], b["lr_scheduler"], "lr_scheduler")
+            _same(a.get("optimizer"), b.get("optimizer"), "optimizer")
+        else:  # ZeRO: this rank's partition of the fp32 masters and moments (and the flag of the skip)
+            assert b["optimizer_state_dict"].pop("overflow") and not a["optimizer_state_dict"].pop("overflow")
+            _same(a["optimizer_state_dict"], b["optimizer_state_dict"], name)
+    six = torch.load(out / "checkpoints" / "step00000006" / files[-1], map_location="cpu", weights_only=False)
+    with pytest.raises(AssertionError):  # the control: steps 5 and 6 did change the state
+        _same(torch.load(four / files[-1], map_location="cpu", weights_only=False), six)
+
+
+def test_a_run_stuck_on_non_finite_steps_stops_with_exit_3(tiny_data, tmp_path):
+    cfg = write_ds_config(tmp_path / "ds.json")
+    out = tmp_path / "run"
+    proc = pretrain(tiny_data, out, cfg, "--max_steps", "6", "--save_interval", "1", "--inject_nan_at_steps", "2,3,4",
+                    "--max_consecutive_skips", "3", check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "3 non-finite steps in a row (--max_consecutive_skips 3)" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000003"  # saved before the stop
+    assert not (out / "final").exists()
+    assert [r["skipped_steps"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3]

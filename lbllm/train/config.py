@@ -66,6 +66,14 @@ class RunConfig:
     """Evaluate every N consumed samples (0: only after the last step)."""
     eval_batch_size: int | None = None
     """Sequences per evaluation forward (default: the micro-batch size)."""
+    max_consecutive_skips: int = 10
+    """Stop (exit 3, the last checkpoint kept) after this many skipped non-finite steps in a row."""
+    inject_nan_at_steps: str = ""
+    """Testing: comma-separated steps whose loss is made NaN (to exercise the skipping)."""
+
+    @property
+    def nan_steps(self) -> frozenset[int]:
+        return frozenset(int(x) for x in self.inject_nan_at_steps.split(",") if x.strip())
 
     def __post_init__(self) -> None:
         for name in ("deepspeed_config", "data_dir", "output_dir", "tokenizer", "init_checkpoint", "eval_data"):
@@ -90,7 +98,12 @@ class RunConfig:
             raise ConfigError(f"--eval_batch_size {self.eval_batch_size}: must be >= 1")
         if self.eval_data is None and self.eval_interval_samples:
             raise ConfigError("--eval_interval_samples needs --eval_data DIR (a held-out set, e.g. DATA_DIR/heldout)")
-        for name in ("save_interval", "save_interval_minutes", "keep_last"):
+        try:
+            if any(step < 1 for step in self.nan_steps):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--inject_nan_at_steps {self.inject_nan_at_steps!r}: give steps >= 1 as 5,6") from None
+        for name in ("save_interval", "save_interval_minutes", "keep_last", "max_consecutive_skips"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")
         if not self.deepspeed_config.is_file():

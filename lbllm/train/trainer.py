@@ -34,6 +34,7 @@ from lbllm.train.engine import (
 )
 from lbllm.train.eval import due, evaluate_mlm
 from lbllm.train.metrics import MetricsWriter
+from lbllm.train.nonfinite import NonFiniteSteps
 from lbllm.train.preemption import PreemptionGuard
 from lbllm.train.prefetch import StepBatch, StepLoader
 from lbllm.train.telemetry import NoiseScaleMonitor, sgd_noise_scale
@@ -128,6 +129,7 @@ class Trainer:
         self.engine, self.opt = initialize(PretrainingModel(build_pretraining_model(s.bert_config)), s.resolved)
         self.momentum = float(self.opt.param_groups[0].get("momentum", 0.0))  # SGD-type (LARS); 0 for Adam-type
         self.noise = NoiseScaleMonitor(run.noise_scale_interval, s.resolved.zero_stage, layout.micro_batch_size)
+        self.skips = NonFiniteSteps(run.max_consecutive_skips, fp16=self.engine.fp16_enabled(), is_main=self.is_main)
         n_params = sum(p.numel() for p in self.engine.module.parameters())
         self._log(
             f"phase {run.phase}: {s.resolved.optimizer_name} lr={s.resolved.peak_lr} | global batch "
@@ -214,26 +216,35 @@ class Trainer:
             # DeepSpeed divides the loss by the accumulation steps and averages gradients
             # over ranks; undo both so the step's gradient is d(sum of losses / count).
             scale = float(len(micro) * world)
-        totals, sq_big = torch.zeros(6), None
+        totals, sq_big, non_finite = torch.zeros(6), None, torch.zeros((), device=engine.device)
         for i, batch in enumerate(micro):
             out = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in batch.items()})
             if self.run.loss_normalization == "global":
                 loss = (out.mlm_loss_sum / n_tokens + out.nsp_loss_sum / n_seqs) * scale
             else:
                 loss = out.mean_loss()
+            if b.step in self.run.nan_steps:
+                loss = loss * float("nan")  # --inject_nan_at_steps (testing)
+            non_finite += (~torch.isfinite(loss.detach())).float()
             engine.backward(loss)
+            if i == len(micro) - 1:
+                skip = self.skips.before_step(engine, non_finite)
             if sq_small is not None and i == len(micro) - 1 and self.s.resolved.zero_stage == 0:
                 # Without ZeRO DeepSpeed does not keep the global gradient norm; the
                 # gradients are all-reduced by now, so take it before the step.
                 sq_big = float(sum(p.grad.float().pow(2).sum() for p in engine.module.parameters()
                                    if p.grad is not None))
+            skipped_before = engine.skipped_steps
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             totals += out.as_vector().cpu()
+        self.skips.after_step(engine, skip, engine.skipped_steps > skipped_before, b.step)
         if dist.is_initialized() and world > 1:
             dist.all_reduce(totals)  # one small all-reduce per step; a host sync point
         grad_norm = engine.get_global_grad_norm()
-        extra = {} if grad_norm is None else {"grad_norm": float(grad_norm)}
-        if sq_small is not None and (sq_big is not None or grad_norm is not None):
+        extra = {"skipped_steps": self.skips.total}
+        if grad_norm is not None:
+            extra["grad_norm"] = float(grad_norm)
+        if sq_small is not None and not self.skips.last_skipped and (sq_big is not None or grad_norm is not None):
             sq_big = float(grad_norm) ** 2 if sq_big is None else sq_big
             # McCandlish et al. 2018: B_simple = tr(Sigma) / |G|^2 from the two batch sizes.
             extra.update(self.noise.update(sq_small, b.global_batch_size, sq_big))
@@ -293,6 +304,7 @@ class Trainer:
                 self.step, self.consumed, sampler_state = b.step, self.consumed + b.global_batch_size, b.sampler_state
                 last = self.record(b, stats, extra, lr, time.perf_counter() - t0)
                 metrics.write(last)
+                self.skips.raise_if_stuck(self.step)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
