@@ -67,6 +67,7 @@ class Demo:
                             else 4 + 2 * len(RECIPES) + 1 + len(RECIPES) + 1 + 1)
         self.t0 = time.perf_counter()
         self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
         self.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
 
     def sh(self, title: str, cmd: list, lane: str | None = None) -> float:
@@ -86,13 +87,21 @@ class Demo:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             log = self.out / "logs" / f"{no:02d}-{lane}.log"
         with open(log, "w") if log else contextlib.nullcontext() as f:
-            rc = subprocess.call([str(c) for c in cmd], cwd=ROOT, env=env,
-                                 **({"stdout": f, "stderr": subprocess.STDOUT} if log else {}))
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env,
+                                    **({"stdout": f, "stderr": subprocess.STDOUT} if log else {}))
+            with self.lock:
+                self.running.add(proc)
+            rc = proc.wait()
+            with self.lock:
+                self.running.discard(proc)
         seconds = time.perf_counter() - t
         if rc != 0:
             tail = log.read_text()[-3000:] if log else ""
             print(f"{tail}\ndemo: stage '{title}' failed with exit code {rc}", file=sys.stderr, flush=True)
-            os._exit(1)  # from any lane: stop everything
+            with self.lock:  # from any lane: stop everything
+                for other in self.running:
+                    other.terminate()
+            os._exit(1)
         if log:
             print(f"    [{no}] done in {seconds / 60:.1f} min ({log.relative_to(self.out)})", flush=True)
         return seconds
