@@ -193,7 +193,7 @@ class Experiment(Demo):
         ns = argparse.Namespace(out=args.out, model_config=sizes.model_config, seed=args.seed,
                                 num_docs=sizes.num_docs, squad_train=sizes.squad_train, squad_dev=sizes.squad_dev,
                                 vocab_size=sizes.vocab_size, dupe_factor=1, squad_epochs=sizes.squad_epochs,
-                                squad_lr=sizes.squad_lr, tune_lr=False)
+                                squad_lr=sizes.squad_lr, tune_lr=False, jobs=1)
         super().__init__(ns)
         self.sizes = sizes
         self.preset = args.preset
