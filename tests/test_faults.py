@@ -245,3 +245,30 @@ def test_a_run_stuck_on_non_finite_steps_stops_with_exit_3(tiny_data, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000003"  # saved before the stop
     assert not (out / "final").exists()
     assert [r["skipped_steps"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("before,after", [((2, 2), (1, 1)), ((1, 2), (2, 3))],
+                         ids=["2-ranks-ZeRO-2-to-1-rank-ZeRO-1", "1-rank-ZeRO-2-to-2-ranks-ZeRO-3"])
+def test_resume_on_another_world_size_and_zero_stage(tiny_data, tmp_path, before, after):
+    """A ZeRO checkpoint of step 2, resumed with --resume auto on another number of ranks
+    and ZeRO stage, continues as a run on the new layout that was never interrupted:
+    losses and LRs of steps 3-4 and the final weights agree with such a run within
+    floating-point summation order (dropout 0, fp32, LAMB)."""
+    def cfg(stage):
+        return write_ds_config(tmp_path / f"z{stage}.json", train_batch_size=16, train_micro_batch_size_per_gpu=4,
+                               zero_optimization={"stage": stage}, scheduler={"type": "WarmupPolyDecay", "params": {
+                                   "warmup_num_steps": 2, "total_num_steps": 8}})
+    flags = ("--dropout", "0", "--save_interval", "2")
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    pretrain(tiny_data, run, cfg(before[1]), *flags, "--max_steps", "2", procs=before[0])
+    proc = pretrain(tiny_data, run, cfg(after[1]), *flags, "--max_steps", "4", "--resume", "auto", procs=after[0])
+    assert (f"saved by {before[0]} rank(s) with ZeRO {before[1]}; re-partitioned for {after[0]} rank(s) with "
+            f"ZeRO {after[1]}") in proc.stderr
+    pretrain(tiny_data, ref, cfg(after[1]), *flags, "--max_steps", "4", procs=after[0])
+    a, b = read_jsonl(run / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")
+    assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["samples"] for r in a] == [r["samples"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-12) and ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)
+    wa, wb = load_file(run / "final" / "model.safetensors"), load_file(ref / "final" / "model.safetensors")
+    va, vb = (torch.cat([w[k].flatten() for k in sorted(wa)]) for w in (wa, wb))
+    assert ((va - vb).norm() / vb.norm()).item() < 1e-5

@@ -221,24 +221,35 @@ def init_from_previous_phase(engine: Any, init_dir: Path, zero_stage: int) -> di
 
 
 def _load_phase_state(engine: Any, opt: torch.optim.Optimizer, path: Path, zero_stage: int) -> None:
+    # mmap: ranks on one node share the page cache instead of holding a copy each.
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    load_state_by_name(engine, opt, saved["weights"], saved["moments"], bool(saved.get("step_in_state")),
+                       zero_stage, str(path))
+
+
+def optimizer_targets(engine: Any, zero_stage: int) -> list[torch.Tensor]:
+    """The tensors the base optimizer keeps state for: ZeRO's flat partitions, or the parameters."""
+    return flat_partitions(engine) if zero_stage > 0 else [p for _, p in engine.module.named_parameters()]
+
+
+def load_state_by_name(engine: Any, opt: torch.optim.Optimizer, weights: dict, moments: dict, step_in_state: bool,
+                       zero_stage: int, source: str) -> None:
+    """Scatter full fp32 weights and moments, by parameter name, into this engine's layout
+    (any world size, any ZeRO stage). A collective under ZeRO."""
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    # mmap: ranks on one node share the page cache instead of holding a copy each.
-    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    weights, moments = saved["weights"], saved["moments"]
     names = [n for n, _ in engine.module.named_parameters()]
     if sorted(names) != sorted(weights):
         missing, extra = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
-        raise ConfigError(f"{path}: parameters do not match this model (missing {missing[:3]}, unexpected {extra[:3]}); "
-                          "use the same --model_config as phase 1")
+        raise ConfigError(f"{source}: parameters do not match this model (missing {missing[:3]}, unexpected "
+                          f"{extra[:3]}); use the same --model_config as the run that wrote it")
     # The optimizer creates its state lazily at the first step; make it now to fill it.
-    targets = flat_partitions(engine) if zero_stage > 0 else [p for _, p in engine.module.named_parameters()]
-    for t in targets:
+    for t in optimizer_targets(engine, zero_stage):
         state = opt.state[t]
         for k in moments:
             state.setdefault(k, torch.zeros_like(t, dtype=torch.float32))
-        if saved.get("step_in_state"):
+        if step_in_state:
             state.setdefault("step", torch.tensor(0.0))
     if zero_stage > 0:
         relink_optimizer_state(engine)

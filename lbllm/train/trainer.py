@@ -23,6 +23,7 @@ from lbllm.data import GlobalBatchSampler, PretrainingDataset
 from lbllm.model import PretrainingModel, StepStats, build_bert_config, build_pretraining_model
 from lbllm.optim import describe_param_groups
 from lbllm.train import checkpoint as ckpt
+from lbllm.train import reshard
 from lbllm.train.config import ConfigError, RunConfig, load_json_config
 from lbllm.train.engine import (
     ResolvedConfig,
@@ -165,7 +166,7 @@ class Trainer:
         run, layout = self.run, self.s.resolved.layout
         sampler_state = None
         if run.resume == "auto" and ckpt.has_checkpoint(run.output_dir):
-            state = ckpt.resume(self.engine, run.output_dir)
+            state = self._resume()
             self.step, self.consumed = int(state["step"]), int(state["consumed_samples"])
             sampler_state = state.get("sampler")
             if "noise_scale" in state:
@@ -186,6 +187,19 @@ class Trainer:
             self._log(f"checkpoint of step {self.step} has no RNG state for {layout.world_size} rank(s); "
                       "dropout continues on new random streams")
         return sampler
+
+    def _resume(self) -> dict:
+        """DeepSpeed's exact load on the layout that saved the checkpoint; on another world
+        size or ZeRO stage, the partitions joined by name and re-scattered (lbllm.train.reshard)."""
+        out, layout, stage = self.run.output_dir, self.s.resolved.layout, self.s.resolved.zero_stage
+        tag = ckpt.latest_tag(out)
+        saved = reshard.saved_layout(out / ckpt.CHECKPOINT_SUBDIR / tag)
+        if saved == (layout.world_size, stage):
+            return ckpt.resume(self.engine, out)
+        state = reshard.resume_resharded(self.engine, out, tag, stage)
+        self._log(f"checkpoint {tag} was saved by {saved[0]} rank(s) with ZeRO {saved[1]}; re-partitioned for "
+                  f"{layout.world_size} rank(s) with ZeRO {stage} (weights, moments, schedule, counters)")
+        return state
 
     def batch_size_at(self, step: int) -> int:
         ramp = self.s.resolved.batch_schedule
