@@ -272,3 +272,21 @@ def test_resume_on_another_world_size_and_zero_stage(tiny_data, tmp_path, before
     wa, wb = load_file(run / "final" / "model.safetensors"), load_file(ref / "final" / "model.safetensors")
     va, vb = (torch.cat([w[k].flatten() for k in sorted(wa)]) for w in (wa, wb))
     assert ((va - vb).norm() / vb.norm()).item() < 1e-5
+
+
+def test_an_unwritable_output_dir_or_a_failed_save_is_one_line(tiny_data, tmp_path):
+    """An --output_dir that cannot be written fails before DeepSpeed starts; a checkpoint
+    that cannot be written (here: its directory name is taken by a file, as a full disk
+    fails a write) stops the run with one line that names the intact previous checkpoint."""
+    cfg = write_ds_config(tmp_path / "ds.json")
+    (tmp_path / "a_file").write_text("x")
+    proc = pretrain(tiny_data, tmp_path / "a_file" / "out", cfg, "--max_steps", "2", check=False)
+    assert proc.returncode == 2 and "cannot write there" in proc.stderr and "Traceback" not in proc.stderr
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step00000002").write_text("in the way")
+    proc = pretrain(tiny_data, out, cfg, "--max_steps", "3", "--save_interval", "1", "--resume", "auto", check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "writing the checkpoint failed" in errors[0] and "previous checkpoint step00000001 is intact" in errors[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000001"

@@ -37,6 +37,10 @@ RNG_FILE = "rng_state_rank{rank}.pt"  # one per rank, inside the checkpoint's ta
 RUN_MARKERS = ("metrics.jsonl", CHECKPOINT_SUBDIR, "final", PHASE_STATE, "run.json")
 
 
+class CheckpointWriteError(ConfigError):
+    """A checkpoint could not be written (full disk, unwritable directory)."""
+
+
 def step_tag(step: int) -> str:
     return f"step{step:08d}"
 
@@ -69,13 +73,22 @@ def save_checkpoint(engine: Any, output_dir: Path, step: int, client_state: dict
     `latest` pointing at the previous complete checkpoint."""
     tag = step_tag(step)
     tag_dir = Path(output_dir) / CHECKPOINT_SUBDIR / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
-    path = tag_dir / RNG_FILE.format(rank=rank)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"world_size": world, **rng_state()}, tmp)
-    os.replace(tmp, path)
-    engine.save_checkpoint(str(Path(output_dir) / CHECKPOINT_SUBDIR), tag=tag, client_state=client_state)
+    try:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        path = tag_dir / RNG_FILE.format(rank=rank)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"world_size": world, **rng_state()}, tmp)
+        os.replace(tmp, path)
+        engine.save_checkpoint(str(Path(output_dir) / CHECKPOINT_SUBDIR), tag=tag, client_state=client_state)
+    except (OSError, RuntimeError) as exc:  # a full disk reaches torch.save as a RuntimeError
+        if not isinstance(exc, OSError) and "writ" not in str(exc).lower():
+            raise
+        previous = latest_tag(output_dir)
+        raise CheckpointWriteError(
+            f"{tag_dir}: writing the checkpoint failed ({str(exc).splitlines()[0][:200]}); "
+            f"{'the previous checkpoint ' + previous + ' is intact' if previous else 'no earlier checkpoint exists'}"
+            "; free space or fix the directory, then --resume auto") from None
     return tag
 
 

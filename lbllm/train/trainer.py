@@ -11,8 +11,10 @@ micro-batches are read while the current one computes (lbllm.train.prefetch).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +105,15 @@ def check_output_dir(run: RunConfig) -> None:
         raise ConfigError(
             f"--output_dir {run.output_dir}: holds an earlier run ({', '.join(found)}); pass --resume auto to "
             "continue it, --overwrite to start again from scratch, or another --output_dir")
+    out = Path(run.output_dir)
+    try:  # a directory that cannot be written fails now, not at the first checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--output_dir {run.output_dir}: cannot write there ({exc.strerror or exc}); "
+                          "choose a writable directory") from None
 
 
 class Trainer:
@@ -287,7 +298,8 @@ class Trainer:
     def _save(self, sampler_state: dict) -> str:
         tag = ckpt.save_checkpoint(self.engine, self.run.output_dir, self.step, {
             "step": self.step, "consumed_samples": self.consumed, "phase": self.run.phase,
-            "sampler": sampler_state, "noise_scale": self.noise.state_dict()})
+            "sampler": sampler_state, "noise_scale": self.noise.state_dict(),
+            "world_size": self.s.resolved.layout.world_size, "zero_stage": self.s.resolved.zero_stage})
         if self.run.keep_last and self.is_main:  # every rank has written it: DeepSpeed's save ends in a barrier
             ckpt.prune_checkpoints(self.run.output_dir, self.run.keep_last)
         return tag
