@@ -76,25 +76,22 @@ def _assert_same_run(full, part, label) -> None:
     assert all((wa[k] == wb[k]).all() for k in wa), label
 
 
-def test_kill9_then_resume_auto_is_exact_with_dropout(tiny_data, tmp_path):
-    """Dropout 0.1, fp32, 2 ranks, ZeRO 2, a checkpoint every step (by the clock:
-    --save_interval_minutes below a step's time, so the ranks must agree on it) and only
-    the newest 2 kept. The whole run is killed with SIGKILL after a random step (possibly
-    inside a save or a pruning); --resume auto continues from the newest complete
-    checkpoint, and every logged figure and the final weights equal the uninterrupted
-    run's exactly (the RNG states are in the checkpoint)."""
-    cfg = write_ds_config(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4,
-                          zero_optimization={"stage": 2})
-    flags = ("--dropout", "0.1", "--save_interval_minutes", "0.00001", "--keep_last", "2", "--max_steps", "6")
-    full, part = tmp_path / "full", tmp_path / "part"
-    pretrain(tiny_data, full, cfg, *flags, procs=2)
-    assert sorted(p.name for p in (full / "checkpoints").glob("step*")) == ["step00000005", "step00000006"]
-    kill_at = random.Random().randint(2, 4)
-    print(f"killing after step {kill_at} is logged")
-    _signal_after(_cmd(2, cfg, tiny_data, part, *flags), part, kill_at)
-    proc = pretrain(tiny_data, part, cfg, *flags, "--resume", "auto", procs=2)
-    assert "resumed from step" in proc.stderr and "new random streams" not in proc.stderr, proc.stderr[-3000:]
-    _assert_same_run(full, part, f"killed after step {kill_at}")
+def test_chaos_kills_and_resumes_exactly_with_dropout(tiny_data, tmp_path):
+    """scripts/chaos_run.py, short: dropout 0.1, fp32, 2 ranks, ZeRO 2, a checkpoint every
+    step by the clock (--save_interval_minutes below a step's time: the ranks must agree
+    on it) with the newest 2 kept. The whole process group is killed twice at random moments
+    (SIGKILL, then SIGTERM; during a step or while a checkpoint is written) and resumed with
+    --resume auto; every logged figure and the final weights must equal the uninterrupted
+    run's bit for bit (the RNG states are in the checkpoint)."""
+    from helpers import run_cli
+
+    proc = run_cli(sys.executable, "scripts/chaos_run.py", "--workdir", tmp_path, "--data", tiny_data / "shards_64",
+                   "--kills", "2", "--steps", "6", "--no_world_change", "--dropout", "0.1", check=False)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "SIGKILL" in proc.stdout and "SIGTERM" in proc.stdout and "bit-identical) -> AGREE" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "chaos" / "checkpoints").glob("step*")) == ["step00000005",
+                                                                                         "step00000006"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
