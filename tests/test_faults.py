@@ -2,6 +2,7 @@
 already holds a run, configurations that would crash later. Real 2-rank DeepSpeed (gloo)."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -287,3 +288,24 @@ def test_an_unwritable_output_dir_or_a_failed_save_is_one_line(tiny_data, tmp_pa
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "writing the checkpoint failed" in errors[0] and "previous checkpoint step00000001 is intact" in errors[0]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000001"
+
+
+def test_resume_or_init_from_another_model_phase_or_tokenizer_is_refused_before_deepspeed(tiny_data, tmp_path):
+    cfg = write_ds_config(tmp_path / "ds.json")
+    out = tmp_path / "p1"
+    pretrain(tiny_data, out, cfg, "--max_steps", "1")
+
+    def refused(*flags, expect: str) -> None:
+        proc = pretrain(tiny_data, tmp_path / "p2", cfg, "--max_steps", "2", *flags, check=False)
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
+        assert "[lbllm] phase" not in proc.stderr  # DeepSpeed never started
+
+    import shutil
+    shutil.copytree(out, tmp_path / "p2")  # the run to resume
+    refused("--resume", "auto", "--model_config", "mini", expect="trained --model_config tiny, this one asks for mini")
+    refused("--resume", "auto", "--phase", "2", "--init_checkpoint", out, expect="holds a phase-1 run")
+    shutil.rmtree(tmp_path / "p2")
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, "tokenizer_fingerprint": "another"}))
+    refused("--phase", "2", "--init_checkpoint", out, expect="made with another tokenizer")

@@ -11,6 +11,7 @@ micro-batches are read while the current one computes (lbllm.train.prefetch).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -86,6 +87,7 @@ def prepare(run: RunConfig) -> Setup:
             f"with the global batch's, but both are {layout.global_batch_size} sequences here; lower "
             "train_micro_batch_size_per_gpu (more gradient accumulation), run on more ranks, or pass 0")
     check_output_dir(run)
+    check_earlier_runs(run, dataset.manifest.tokenizer_fingerprint)
     eval_dataset = None
     if run.eval_data is not None:
         eval_dataset = PretrainingDataset(run.eval_data, tokenizer_dir=run.tokenizer)
@@ -114,6 +116,36 @@ def check_output_dir(run: RunConfig) -> None:
     except OSError as exc:
         raise ConfigError(f"--output_dir {run.output_dir}: cannot write there ({exc.strerror or exc}); "
                           "choose a writable directory") from None
+
+
+def _run_info(run_dir: Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_earlier_runs(run: RunConfig, fingerprint: str) -> None:
+    """What this run continues (--resume auto) or starts from (--init_checkpoint) must be
+    the same model on the same tokenizer; a resumed run keeps its phase. Checked from the
+    earlier run's run.json before DeepSpeed starts."""
+    checks = []
+    if run.resume == "auto" and ckpt.has_checkpoint(run.output_dir):
+        checks.append(("--resume auto", run.output_dir, True))
+    if run.init_checkpoint is not None and not (run.resume == "auto" and ckpt.has_checkpoint(run.output_dir)):
+        checks.append(("--init_checkpoint", run.init_checkpoint, False))
+    for flag, directory, same_phase in checks:
+        info = _run_info(directory)
+        if not info:
+            continue  # written before run.json existed: the load itself checks the parameters
+        if info.get("model_config") != run.model_config:
+            raise ConfigError(f"{flag} {directory}: that run trained --model_config {info.get('model_config')}, this "
+                              f"one asks for {run.model_config}; use the same model config")
+        if same_phase and info.get("phase") != run.phase:
+            raise ConfigError(f"{flag} {directory}: holds a phase-{info.get('phase')} run and this is --phase "
+                              f"{run.phase}; resume it with --phase {info.get('phase')}, or start phase {run.phase} in "
+                              f"a new --output_dir with --init_checkpoint {directory}")
+        if info.get("tokenizer_fingerprint") not in (None, fingerprint):
+            raise ConfigError(f"{flag} {directory}: that run's shards were made with another tokenizer than "
+                              f"--data_dir {run.data_dir}; prepare the shards with the same tokenizer")
 
 
 class Trainer:
@@ -164,6 +196,7 @@ class Trainer:
                 "gradient_accumulation_steps": layout.gradient_accumulation_steps, "world_size": layout.world_size,
                 "zero_stage": s.resolved.zero_stage, "max_steps": s.max_steps, "seq_length": s.dataset.seq_length,
                 "model_config": run.model_config, "parameters": n_params, "dropout": run.dropout,
+                "tokenizer_fingerprint": s.dataset.manifest.tokenizer_fingerprint,
                 "tokenizer": str(run.tokenizer),
                 "data_dir": str(run.data_dir), "num_samples": len(s.dataset), "seed": run.seed,
                 "eval_data": None if run.eval_data is None else str(run.eval_data),
