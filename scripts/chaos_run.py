@@ -9,8 +9,9 @@ It prepares a tiny corpus (or takes prepared seq-64 shards with --data), runs th
 reference (2 ranks, ZeRO 2, fp32, LAMB, a checkpoint after every step by the clock, so
 the ranks must agree on each, the newest 2 kept),
 then the same command with --resume auto, killed K times at random moments: SIGKILL and
-SIGTERM in turn, to the whole process group as a node failure or a scheduler does, some
-during a step and some while a checkpoint is being written. Unless --no_world_change,
+SIGTERM in turn, to the whole process group as a node failure or a scheduler does: the
+first a SIGKILL while a checkpoint is being written, the second a SIGTERM during a step,
+the rest at random moments. Unless --no_world_change,
 one restart runs on 1 rank (the checkpoint is re-partitioned). Then it compares every
 logged loss and the final weights with the reference: bit-identical when the world size
 never changed, within 1e-5 relative otherwise (summation order; and dropout must be 0
@@ -161,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(a.kills):
         world = 1 if k == other else 2
         sig = (signal.SIGKILL, signal.SIGTERM)[k % 2]
+        # The first kill is a SIGKILL while a checkpoint is being written, the second a
+        # SIGTERM during a step; then at random.
+        during_save = k == 0 or (k > 1 and rng.random() < 0.5)
         what = kill_once(command(world, cfg, data, run, a, *(first or ["--resume", "auto"])), run, sig,
-                         during_save=rng.random() < 0.5, rng=rng, timeout=a.timeout)
+                         during_save=during_save, rng=rng, timeout=a.timeout)
         first = []
         print(f"  kill {k + 1}: {world} rank(s), {what}", flush=True)
     world = 1 if other == a.kills else 2

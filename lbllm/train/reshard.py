@@ -14,8 +14,9 @@ same file. Dropout continues on fresh per-rank RNG streams (a stream per rank ca
 carried to another number of ranks), so with dropout the continued run is sound but not
 bit-identical; with dropout 0 it equals a run on the new layout up to summation order.
 
-Sources: ZeRO 1 and 2 checkpoints. A ZeRO-3 or no-ZeRO checkpoint is refused with one
-line (same layout, or hand over through ``phase_state.pt``).
+Sources: checkpoints of ZeRO 1, 2 and 3 (DeepSpeed's flat partitions, merged by
+zero_to_fp32) and without ZeRO (whole tensors; the optimizer state is indexed in the
+order the param groups list the parameters, rebuilt here from the same model).
 """
 from __future__ import annotations
 
@@ -29,39 +30,81 @@ from lbllm.train.config import ConfigError
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    """The rank-0 model-states file (``mp_rank_00_...``, or ``zero_pp_rank_0_...`` under ZeRO 3)."""
+    for name in (MODEL_STATES, "zero_pp_rank_0_" + MODEL_STATES):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise ConfigError(f"{tag_dir}: no {MODEL_STATES}; not a complete DeepSpeed checkpoint")
+
+
 def saved_layout(tag_dir: Path) -> tuple[int, int]:
     """(world size, ZeRO stage) of the checkpoint in ``tag_dir``."""
     optim = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
     if optim:
-        osd = torch.load(optim[0], map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        osd = _load(optim[0])["optimizer_state_dict"]
         count = osd.get("partition_count", len(optim))
         return (max(count) if isinstance(count, list) else int(count)), int(osd.get("zero_stage", 0))
-    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", mmap=True, weights_only=False)
-    return int(states.get("dp_world_size", 1)), 0
+    return int(_load(_model_states_file(tag_dir)).get("dp_world_size", 1)), 0
 
 
-def _by_name(tag_dir: Path, names: list[str]) -> tuple[dict, dict, list[dict], dict, dict]:
-    """(weights, moments {key: {name: tensor}}, saved param groups, per-state scalars, model states)."""
+def _moment_keys(first: dict) -> list[str]:
+    return sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0)
+
+
+def _zero_by_name(tag_dir: Path, names: list[str], stage: int) -> tuple[dict, dict, list[dict], dict]:
+    """ZeRO 1/2/3: each rank's flat partitions of masters and moments, merged by zero_to_fp32."""
     from deepspeed.utils import zero_to_fp32 as z
 
     model_states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
-    files = z.get_optim_files(str(tag_dir))
-    osds = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"] for f in files]
-    world, paddings = len(osds), osds[0].get("param_alignment_paddings")
+    osds = [_load(Path(f))["optimizer_state_dict"] for f in z.get_optim_files(str(tag_dir))]
+    world = len(osds)
+    if stage == 3:
+        flats = [o["fp32_flat_groups"] for o in osds]
+        base = [o["optimizer_state_dict"] for o in osds]
+    else:
+        flats = [o["single_partition_of_fp32_groups"] for o in osds]
+        base = [o["base_optimizer_state"] for o in osds]
+    paddings = osds[0].get("param_alignment_paddings")
 
     def merge(flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        full = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
+        if stage == 3:
+            full = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
+        else:
+            full = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
+        full = z.to_torch_tensor({n: full[n] for n in names})  # ZeRO 3 merges lazily
         return {n: full[n].float() for n in names}
 
-    weights = merge([o["single_partition_of_fp32_groups"] for o in osds])
-    base = [o["base_optimizer_state"] for o in osds]
     groups = sorted(base[0]["state"])
     first = base[0]["state"][groups[0]] if groups else {}
-    keys = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0)
+    keys = _moment_keys(first)
     moments = {k: merge([[b["state"][g][k] for g in groups] for b in base]) for k in keys}
     scalars = {k: v for k, v in first.items() if k not in keys}  # e.g. torch AdamW's per-parameter step
-    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", mmap=True, weights_only=False)
-    return weights, moments, base[0]["param_groups"], scalars, states
+    return merge(flats), moments, base[0]["param_groups"], scalars
+
+
+def _plain_by_name(states: dict, engine: Any) -> tuple[dict, dict, list[dict], dict]:
+    """No ZeRO: whole tensors; the optimizer's state is indexed in param-group order."""
+    from lbllm.optim.param_groups import is_no_decay
+
+    # build_param_groups' order (decay group, then no-decay), from the saved tensors' shapes:
+    # under ZeRO 3 this engine's own parameters are partitioned and look 1-D.
+    saved = states["module"]
+    names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+    decay = [n for n in names if not is_no_decay(n, saved[n])]
+    order = decay + [n for n in names if is_no_decay(n, saved[n])]
+    opt_state = states["optimizer"]
+    by_index = opt_state["state"]
+    first = next(iter(by_index.values()), {})
+    keys = _moment_keys(first)
+    weights = {n: states["module"][n].float() for n in order}
+    moments = {k: {order[i]: st[k].float() for i, st in by_index.items()} for k in keys}
+    scalars = {k: v for k, v in first.items() if k not in keys}
+    return weights, moments, opt_state["param_groups"], scalars
 
 
 def resume_resharded(engine: Any, output_dir: Path, tag: str, zero_stage: int) -> dict:
@@ -72,13 +115,12 @@ def resume_resharded(engine: Any, output_dir: Path, tag: str, zero_stage: int) -
 
     tag_dir = Path(output_dir) / ckpt.CHECKPOINT_SUBDIR / tag
     world, stage = saved_layout(tag_dir)
-    if stage not in (1, 2):
-        raise ConfigError(
-            f"{tag_dir}: a {'ZeRO 3' if stage == 3 else 'no-ZeRO'} checkpoint of {world} rank(s) resumes only on "
-            f"{world} rank(s) with the same ZeRO stage; relaunch with that layout, or start a new run from it "
-            "with --init_checkpoint after it finishes (phase_state.pt loads on any layout)")
+    states = _load(_model_states_file(tag_dir))
     names = [n for n, _ in engine.module.named_parameters()]
-    weights, moments, saved_groups, scalars, states = _by_name(tag_dir, names)
+    if stage > 0:
+        weights, moments, saved_groups, scalars = _zero_by_name(tag_dir, names, stage)
+    else:
+        weights, moments, saved_groups, scalars = _plain_by_name(states, engine)
     opt = base_optimizer(engine)
     ckpt.load_state_by_name(engine, opt, weights, moments, "step" in scalars, zero_stage, str(tag_dir))
     if len(saved_groups) != len(opt.param_groups):
