@@ -44,7 +44,7 @@ def export(run_dir: Path, out: Path, tag: str | None) -> str:
         raise UserError(f"{tok_dir}: the run's tokenizer is not there any more")
     tokenizer = BertTokenizerFast.from_pretrained(str(tok_dir))
     bert_config = build_bert_config(info["model_config"], vocab_size=len(tokenizer), dropout=info.get("dropout"))
-    state = ckpt.checkpoint_module_state_dict(run_dir, tag, int(info["zero_stage"]))
+    state = ckpt.checkpoint_module_state_dict(run_dir, tag)
     ckpt.export_hf(state, build_pretraining_model(bert_config), tokenizer, out)
     return tag
 

@@ -296,16 +296,19 @@ def fp32_module_state_dict(engine: Any, output_dir: Path, tag: str, zero_stage: 
         return None
     if zero_stage == 0:
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-    return checkpoint_module_state_dict(output_dir, tag, zero_stage)
+    return checkpoint_module_state_dict(output_dir, tag)
 
 
-def checkpoint_module_state_dict(output_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+def checkpoint_module_state_dict(output_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the module from a saved checkpoint, in one process, whatever
-    the world size that wrote it: DeepSpeed's zero_to_fp32 joins the ZeRO partitions of
-    the fp32 masters; without ZeRO each rank saved the whole module."""
+    the world size and ZeRO stage that wrote it (read from the files): DeepSpeed's
+    zero_to_fp32 joins the ZeRO partitions of the fp32 masters; without ZeRO each rank
+    saved the whole module."""
+    from lbllm.train.reshard import model_states_file, saved_layout
+
     tag_dir = Path(output_dir) / CHECKPOINT_SUBDIR / tag
-    if zero_stage == 0 and not any(tag_dir.glob("*zero_pp_rank_*")):
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    if saved_layout(tag_dir)[1] == 0:
+        state = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
         return {k: v.detach().float() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -6,6 +6,7 @@ assertion deep in engine start-up.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +72,9 @@ class RunConfig:
     inject_nan_at_steps: str = ""
     """Testing: comma-separated steps whose loss is made NaN (to exercise the skipping)."""
 
-    @property
+    @functools.cached_property
     def nan_steps(self) -> frozenset[int]:
+        """--inject_nan_at_steps as a set (parsed once; the step loop asks every micro-batch)."""
         return frozenset(int(x) for x in self.inject_nan_at_steps.split(",") if x.strip())
 
     def __post_init__(self) -> None:
@@ -99,10 +101,11 @@ class RunConfig:
         if self.eval_data is None and self.eval_interval_samples:
             raise ConfigError("--eval_interval_samples needs --eval_data DIR (a held-out set, e.g. DATA_DIR/heldout)")
         try:
-            if any(step < 1 for step in self.nan_steps):
-                raise ValueError
+            bad = any(step < 1 for step in self.nan_steps)
         except ValueError:
-            raise ConfigError(f"--inject_nan_at_steps {self.inject_nan_at_steps!r}: give steps >= 1 as 5,6") from None
+            bad = True
+        if bad:
+            raise ConfigError(f"--inject_nan_at_steps {self.inject_nan_at_steps!r}: give steps >= 1 as 5,6")
         for name in ("save_interval", "save_interval_minutes", "keep_last", "max_consecutive_skips"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")

@@ -34,7 +34,7 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
-def _model_states_file(tag_dir: Path) -> Path:
+def model_states_file(tag_dir: Path) -> Path:
     """The rank-0 model-states file (``mp_rank_00_...``, or ``zero_pp_rank_0_...`` under ZeRO 3)."""
     for name in (MODEL_STATES, "zero_pp_rank_0_" + MODEL_STATES):
         if (tag_dir / name).is_file():
@@ -49,7 +49,7 @@ def saved_layout(tag_dir: Path) -> tuple[int, int]:
         osd = _load(optim[0])["optimizer_state_dict"]
         count = osd.get("partition_count", len(optim))
         return (max(count) if isinstance(count, list) else int(count)), int(osd.get("zero_stage", 0))
-    return int(_load(_model_states_file(tag_dir)).get("dp_world_size", 1)), 0
+    return int(_load(model_states_file(tag_dir)).get("dp_world_size", 1)), 0
 
 
 def _moment_keys(first: dict) -> list[str]:
@@ -115,7 +115,7 @@ def resume_resharded(engine: Any, output_dir: Path, tag: str, zero_stage: int) -
 
     tag_dir = Path(output_dir) / ckpt.CHECKPOINT_SUBDIR / tag
     world, stage = saved_layout(tag_dir)
-    states = _load(_model_states_file(tag_dir))
+    states = _load(model_states_file(tag_dir))
     names = [n for n, _ in engine.module.named_parameters()]
     if stage > 0:
         weights, moments, saved_groups, scalars = _zero_by_name(tag_dir, names, stage)

@@ -331,8 +331,7 @@ class Trainer:
     def _save(self, sampler_state: dict) -> str:
         tag = ckpt.save_checkpoint(self.engine, self.run.output_dir, self.step, {
             "step": self.step, "consumed_samples": self.consumed, "phase": self.run.phase,
-            "sampler": sampler_state, "noise_scale": self.noise.state_dict(),
-            "world_size": self.s.resolved.layout.world_size, "zero_stage": self.s.resolved.zero_stage})
+            "sampler": sampler_state, "noise_scale": self.noise.state_dict()})
         if self.run.keep_last and self.is_main:  # every rank has written it: DeepSpeed's save ends in a barrier
             ckpt.prune_checkpoints(self.run.output_dir, self.run.keep_last)
         return tag
@@ -369,12 +368,12 @@ class Trainer:
                     progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
                 clock_due = run.save_interval_minutes > 0 and time.monotonic() - last_save >= 60 * run.save_interval_minutes
                 stop, clock_due = guard.agreed(clock_due)
-                saved = self.step < s.max_steps and (
-                    clock_due or bool(run.save_interval and self.step % run.save_interval == 0))
-                if saved or (stop and self.step < s.max_steps):
+                more = self.step < s.max_steps  # the last step's checkpoint is finish()'s
+                due = clock_due or bool(run.save_interval and self.step % run.save_interval == 0)
+                if more and (due or stop):
                     self._save(sampler_state)
                     last_save = time.monotonic()
-                if stop and self.step < s.max_steps:
+                if more and stop:
                     preempted = guard.name
                     break
         finally:
