@@ -3,8 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lbllm-installed
 DEMO_OUT ?= demo_out
-# DeepSpeed JIT-builds a small CPU communication op on first use; keep it in the repo
-# so it is built once per clone, not once per process tree.
+# lbllm's CPU LAMB kernel (lbllm/optim/cpu_kernel.py) is compiled on first use; keep it in
+# the repo so it is built once per clone, not once per process tree. (DeepSpeed's own CPU
+# shared-memory op is not built: lbllm.train.engine.use_gloo_collectives_on_cpu.)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1

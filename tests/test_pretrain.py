@@ -14,10 +14,10 @@ from lbllm.utils import UserError, read_jsonl
 REQUIRED = {"step", "loss", "lr", "global_batch_size", "samples", "seq_per_s"}
 
 
-def pretrain(data, out, config, *extra, procs: int = 1, shards: str = "shards_64", check=True):
+def pretrain(data, out, config, *extra, procs: int = 1, shards: str = "shards_64", check=True, env=None):
     launcher = deepspeed_cmd(procs) if procs > 1 else [sys.executable]
     return run_cli(*launcher, "pretrain_bert.py", "--deepspeed_config", config, "--data_dir", data / shards,
-                   "--output_dir", out, "--model_config", "tiny", "--seed", "3", *extra, check=check)
+                   "--output_dir", out, "--model_config", "tiny", "--seed", "3", *extra, check=check, env=env)
 
 
 def test_single_process_run_writes_metrics_and_hf_model(tiny_data, tmp_path):
@@ -60,14 +60,19 @@ def assert_same_logits(dir_a, dir_b, tok, weights=None) -> None:
 def test_two_rank_zero3_bf16_lamb_runs_and_exports(tiny_data, tmp_path):
     """LAMB under ZeRO 3 + bf16 through pretrain_bert.py: trains, saves, exports fp32 HF
     weights; --keep_last 2 leaves the newest two checkpoints, and scripts/export_hf.py
-    exports any of them in one process from the 2 ranks' partitions."""
+    exports any of them in one process from the 2 ranks' partitions. The ranks talk over
+    gloo without JIT-building DeepSpeed's shared-memory op (a C++ build that can be killed
+    for memory; lbllm.train.engine.use_gloo_collectives_on_cpu)."""
     from transformers import AutoModelForPreTraining, AutoModelForQuestionAnswering, AutoTokenizer
 
     cfg = write_ds_config(tmp_path / "z3.json", train_batch_size=8, train_micro_batch_size_per_gpu=4,
                           zero_optimization={"stage": 3}, bf16={"enabled": True})
     out = tmp_path / "z3"
-    proc = pretrain(tiny_data, out, cfg, "--max_steps", "3", "--save_interval", "1", "--keep_last", "2", procs=2)
+    ext = tmp_path / "extensions"
+    proc = pretrain(tiny_data, out, cfg, "--max_steps", "3", "--save_interval", "1", "--keep_last", "2", procs=2,
+                    env={"TORCH_EXTENSIONS_DIR": str(ext)})
     assert "ZeRO 3" in proc.stderr
+    assert not list(ext.glob("*shm*")) and "shm_comm" not in proc.stdout + proc.stderr
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
     model = AutoModelForPreTraining.from_pretrained(out / "final")

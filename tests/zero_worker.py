@@ -13,10 +13,12 @@ import torch
 
 from lbllm.optim import create_optimizer
 from lbllm.optim.zero import attach_zero_layout
+from lbllm.train.engine import use_gloo_collectives_on_cpu
 from test_zero_exact import MICRO, OPTS, build_model, case_key, case_steps, cases_for, global_batch
 
 
 def run_cases(out: str) -> None:
+    use_gloo_collectives_on_cpu()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     xs, ys = global_batch(world)

@@ -207,10 +207,41 @@ def build_optimizer(model: torch.nn.Module, resolved: ResolvedConfig) -> torch.o
     return create_optimizer(resolved.optimizer_name, model, **resolved.optimizer_params)
 
 
+SHM_COMM_ENV = "LBLLM_DS_SHM_COMM"
+
+
+def use_gloo_collectives_on_cpu() -> bool:
+    """Keep DeepSpeed's CPU collectives on gloo; returns whether that was done.
+
+    On a CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op on its first
+    ``init_distributed``: a C++20 build against the torch headers that takes ~30 s and
+    ~1.5 GB per compiler process, and on a machine short of memory the compiler is killed and
+    the run dies with it. CPU runs here are tests and demos, so lbllm turns the op off in
+    DeepSpeed's table of compatible ops and the collectives go through torch.distributed
+    (gloo), unless ``LBLLM_DS_SHM_COMM=1``. On GPUs the op does not apply and nothing changes.
+    Call before the first ``deepspeed.initialize`` / ``init_distributed`` of the process.
+    """
+    if os.environ.get(SHM_COMM_ENV) == "1":
+        return False
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        return False
+    builder = accel.create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return False
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    return True
+
+
 def initialize(model: torch.nn.Module, resolved: ResolvedConfig) -> tuple[Any, torch.optim.Optimizer]:
     """deepspeed.initialize with the resolved pieces; returns (engine, base optimizer)."""
     import deepspeed
 
+    use_gloo_collectives_on_cpu()
     optimizer = build_optimizer(model, resolved)
     if optimizer is None:
         # DeepSpeed's optimizer gets the same decay / no-decay groups as ours.
