@@ -73,8 +73,30 @@ def test_heldout_eval_is_the_same_on_one_and_two_ranks(heldout_data, tmp_path, s
     assert one[1]["eval_mlm_loss"] != one[2]["eval_mlm_loss"]
 
 
+def test_stop_at_eval_loss_finishes_at_the_first_evaluation_below(heldout_data, tmp_path):
+    """--stop_at_eval_loss ends the run (checkpoint, export) after the first evaluation at or
+    below the target: the same step a full run's evaluations say."""
+    cfg = write_ds_config(tmp_path / "ds.json", scheduler={"type": "WarmupConstant", "params": {
+        "warmup_num_steps": 1, "total_num_steps": 6}})
+    extra = ["--dropout", "0", "--eval_data", heldout_data / "shards_64h" / "heldout", "--eval_interval_samples", "8"]
+    pretrain(heldout_data, tmp_path / "full", cfg, *extra, shards="shards_64h")
+    losses = [r["eval_mlm_loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    assert len(losses) == 6
+    target = sorted(losses)[2]  # reached somewhere before the end
+    expect = next(i for i, x in enumerate(losses) if x <= target) + 1
+    assert expect < 6
+    proc = pretrain(heldout_data, tmp_path / "stop", cfg, *extra, "--stop_at_eval_loss", repr(target),
+                    shards="shards_64h")
+    rows = read_jsonl(tmp_path / "stop" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, expect + 1)) and "finishing" in proc.stderr
+    assert rows[-1]["eval_mlm_loss"] == losses[expect - 1]
+    assert (tmp_path / "stop" / "final" / "config.json").is_file()
+
+
 def test_eval_options_are_checked(heldout_data, tmp_path):
     cfg = write_ds_config(tmp_path / "ds.json")
+    proc = pretrain(heldout_data, tmp_path / "s", cfg, "--stop_at_eval_loss", "3", check=False, shards="shards_64h")
+    assert proc.returncode == 2 and "--stop_at_eval_loss 3.0: needs --eval_data" in proc.stderr
     proc = pretrain(heldout_data, tmp_path / "a", cfg, "--eval_interval_samples", "8", check=False, shards="shards_64h")
     assert proc.returncode == 2 and "--eval_interval_samples needs --eval_data" in proc.stderr
     proc = pretrain(heldout_data, tmp_path / "b", cfg, "--eval_data", heldout_data / "shards_64h", check=False,
@@ -83,4 +105,4 @@ def test_eval_options_are_checked(heldout_data, tmp_path):
     proc = pretrain(heldout_data, tmp_path / "c", cfg, "--eval_data", tmp_path / "nowhere", check=False,
                     shards="shards_64h")
     assert proc.returncode == 2 and "--heldout_fraction" in proc.stderr
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert not any((tmp_path / d).exists() for d in "abcs")

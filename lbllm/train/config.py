@@ -67,6 +67,9 @@ class RunConfig:
     """Evaluate every N consumed samples (0: only after the last step)."""
     eval_batch_size: int | None = None
     """Sequences per evaluation forward (default: the micro-batch size)."""
+    stop_at_eval_loss: float | None = None
+    """Finish the run (checkpoint, export) at the first held-out evaluation with MLM loss <= X
+    (steps-to-target studies; needs --eval_data and --eval_interval_samples)."""
     max_consecutive_skips: int = 10
     """Stop (exit 3, the last checkpoint kept) after this many skipped non-finite steps in a row."""
     inject_nan_at_steps: str = ""
@@ -98,6 +101,9 @@ class RunConfig:
             raise ConfigError(f"--eval_interval_samples {self.eval_interval_samples}: must be >= 0")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ConfigError(f"--eval_batch_size {self.eval_batch_size}: must be >= 1")
+        if self.stop_at_eval_loss is not None and not (self.eval_data and self.eval_interval_samples):
+            raise ConfigError(f"--stop_at_eval_loss {self.stop_at_eval_loss}: needs --eval_data DIR and "
+                              "--eval_interval_samples N (the evaluations it watches)")
         if self.eval_data is None and self.eval_interval_samples:
             raise ConfigError("--eval_interval_samples needs --eval_data DIR (a held-out set, e.g. DATA_DIR/heldout)")
         try:

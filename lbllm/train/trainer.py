@@ -12,6 +12,7 @@ micro-batches are read while the current one computes (lbllm.train.prefetch).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -366,6 +367,11 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+                if run.stop_at_eval_loss is not None and last.get("eval_mlm_loss", math.inf) <= run.stop_at_eval_loss:
+                    # The evaluation is all-reduced, so every rank stops at the same step.
+                    self._log(f"step {self.step}: held-out MLM loss {last['eval_mlm_loss']:.4f} <= "
+                              f"--stop_at_eval_loss {run.stop_at_eval_loss}: finishing")
+                    break
                 clock_due = run.save_interval_minutes > 0 and time.monotonic() - last_save >= 60 * run.save_interval_minutes
                 stop, clock_due = guard.agreed(clock_due)
                 more = self.step < s.max_steps  # the last step's checkpoint is finish()'s
