@@ -81,9 +81,12 @@ class StepStats:
 class PretrainingModel(nn.Module):
     """Wraps `BertForPreTraining` so the training engine sees one module with one forward."""
 
-    def __init__(self, model: BertForPreTraining):
+    def __init__(self, model: BertForPreTraining, sparse_mlm_head: bool = True):
         super().__init__()
         self.model = model
+        # False: the vocabulary projection over every position, then the masked ones picked
+        # (HF's dense head): the same losses, for the benchmark's what-it-buys table.
+        self.sparse_mlm_head = sparse_mlm_head
 
     def forward(
         self,
@@ -99,8 +102,12 @@ class PretrainingModel(nn.Module):
         sequence_output, pooled_output = out[0], out[1]
         real = masked_lm_weights > 0  # [B, P]; padding slots of the prediction list are 0
         batch_index = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(masked_lm_positions)
-        hidden = sequence_output[batch_index[real], masked_lm_positions[real]]  # [M, H]
-        mlm_logits = self.model.cls.predictions(hidden).float()
+        if self.sparse_mlm_head:
+            hidden = sequence_output[batch_index[real], masked_lm_positions[real]]  # [M, H]
+            mlm_logits = self.model.cls.predictions(hidden).float()
+        else:
+            dense = self.model.cls.predictions(sequence_output)  # [B, S, V]
+            mlm_logits = dense[batch_index[real], masked_lm_positions[real]].float()
         targets = masked_lm_ids[real]
         mlm_loss_sum = F.cross_entropy(mlm_logits, targets, reduction="sum")
         nsp_logits = self.model.cls.seq_relationship(pooled_output).float()

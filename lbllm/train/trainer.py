@@ -171,7 +171,7 @@ class Trainer:
             ckpt.clear_run(run.output_dir)  # before anything of this run is written
         seed_everything(run.seed)
         configure_cpu_threads()
-        self.engine, self.opt = initialize(PretrainingModel(build_pretraining_model(s.bert_config)), s.resolved)
+        self.engine, self.opt = initialize(self.make_model(), s.resolved)
         self.momentum = float(self.opt.param_groups[0].get("momentum", 0.0))  # SGD-type (LARS); 0 for Adam-type
         self.noise = NoiseScaleMonitor(run.noise_scale_interval, s.resolved.zero_stage, layout.micro_batch_size)
         self.skips = NonFiniteSteps(run.max_consecutive_skips, fp16=self.engine.fp16_enabled(), is_main=self.is_main)
@@ -204,6 +204,10 @@ class Trainer:
                 "deepspeed_config": str(run.deepspeed_config), "init_checkpoint":
                     None if run.init_checkpoint is None else str(run.init_checkpoint),
             })
+
+    def make_model(self) -> torch.nn.Module:
+        """The module DeepSpeed trains (scripts/bench_pretrain.py builds variants of it)."""
+        return PretrainingModel(build_pretraining_model(self.s.bert_config))
 
     def restore(self) -> GlobalBatchSampler:
         """Resume (`--resume auto`), or take weights and moments from phase 1; the sampler
