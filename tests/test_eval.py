@@ -79,7 +79,8 @@ def test_stop_at_eval_loss_finishes_at_the_first_evaluation_below(heldout_data, 
     cfg = write_ds_config(tmp_path / "ds.json", scheduler={"type": "WarmupConstant", "params": {
         "warmup_num_steps": 1, "total_num_steps": 6}})
     extra = ["--dropout", "0", "--eval_data", heldout_data / "shards_64h" / "heldout", "--eval_interval_samples", "8"]
-    pretrain(heldout_data, tmp_path / "full", cfg, *extra, shards="shards_64h")
+    full = pretrain(heldout_data, tmp_path / "full", cfg, *extra, shards="shards_64h")
+    assert "throughput over steps 2-6:" in full.stderr and "the remaining 0 steps take about" in full.stderr
     losses = [r["eval_mlm_loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
     assert len(losses) == 6
     target = sorted(losses)[2]  # reached somewhere before the end

@@ -11,7 +11,7 @@ import torch
 from helpers import ROOT, deepspeed_cmd, run_cli, write_ds_config
 from lbllm.utils import UserError, read_jsonl
 
-REQUIRED = {"step", "loss", "lr", "global_batch_size", "samples", "seq_per_s"}
+REQUIRED = {"step", "loss", "lr", "global_batch_size", "samples", "seq_per_s", "tokens_per_s"}
 
 
 def pretrain(data, out, config, *extra, procs: int = 1, shards: str = "shards_64", check=True, env=None):
@@ -30,6 +30,7 @@ def test_single_process_run_writes_metrics_and_hf_model(tiny_data, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(REQUIRED <= r.keys() for r in rows)
     assert [r["samples"] for r in rows] == [8, 16, 24]
+    assert all(r["tokens_per_s"] == pytest.approx(64 * r["seq_per_s"]) and "mfu" not in r for r in rows)  # CPU
     assert rows[0]["lr"] == pytest.approx(0.5e-3) and rows[1]["lr"] == pytest.approx(1e-3)  # warmup 2 steps
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     model = AutoModelForPreTraining.from_pretrained(out / "final")

@@ -37,6 +37,7 @@ from lbllm.train.engine import (
     resolve_config,
     world_size_from_env,
 )
+from lbllm.model.flops import peak_flops, training_flops_per_sequence
 from lbllm.train.eval import due, evaluate_mlm
 from lbllm.train.metrics import MetricsWriter
 from lbllm.train.nonfinite import NonFiniteSteps
@@ -172,6 +173,7 @@ class Trainer:
         seed_everything(run.seed)
         configure_cpu_threads()
         self.engine, self.opt = initialize(self.make_model(), s.resolved)
+        self.peak_flops = peak_flops(torch.cuda.get_device_name()) if self.engine.device.type == "cuda" else None
         self.momentum = float(self.opt.param_groups[0].get("momentum", 0.0))  # SGD-type (LARS); 0 for Adam-type
         self.noise = NoiseScaleMonitor(run.noise_scale_interval, s.resolved.zero_stage, layout.micro_batch_size)
         self.skips = NonFiniteSteps(run.max_consecutive_skips, fp16=self.engine.fp16_enabled(), is_main=self.is_main)
@@ -318,9 +320,14 @@ class Trainer:
         run, s = self.run, self.s
         row = {"step": self.step, **stats.metrics(), "lr": lr, "global_batch_size": b.global_batch_size,
                "samples": self.consumed, "epoch": b.epoch, "seq_per_s": b.global_batch_size / seconds,
+               "tokens_per_s": b.global_batch_size * s.dataset.seq_length / seconds,
                "step_time_s": seconds, "phase": run.phase,
                # Smith et al. 2018: the SGD noise scale g = lr N / (B (1 - m)).
                "sgd_noise_scale": sgd_noise_scale(lr, len(s.dataset), b.global_batch_size, self.momentum), **extra}
+        if self.peak_flops:  # model FLOPs utilization per device (lbllm/model/flops.py)
+            flops = training_flops_per_sequence(s.bert_config, s.dataset.seq_length,
+                                                stats.mlm_count / b.global_batch_size)
+            row["mfu"] = flops * b.global_batch_size / seconds / (self.peak_flops * s.resolved.layout.world_size)
         if s.eval_dataset is not None and (self.step == s.max_steps or due(
                 self.consumed - b.global_batch_size, self.consumed, run.eval_interval_samples)):
             row.update(self._evaluate())
@@ -354,6 +361,7 @@ class Trainer:
                             pin_memory=self.engine.device.type == "cuda")
         progress = _progress_bar(s.max_steps, self.step, run.phase) if self.is_main else None
         last, t_start, preempted, last_save = {}, time.perf_counter(), None, time.monotonic()
+        first_step, t_estimate = self.step + 1, t_start
         guard = PreemptionGuard().__enter__()
         try:
             while self.step < s.max_steps:
@@ -368,9 +376,15 @@ class Trainer:
                 last = self.record(b, stats, extra, lr, time.perf_counter() - t0)
                 metrics.write(last)
                 self.skips.raise_if_stuck(self.step)
+                if self.step == first_step + ESTIMATE_AFTER_STEPS:
+                    self._log(estimate_phase_time(s.max_steps - self.step, self.step - first_step,
+                                                  time.perf_counter() - t_estimate, last))
+                elif self.step == first_step:
+                    t_estimate = time.perf_counter()  # the first step includes start-up costs
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+                    progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", batch=b.global_batch_size,
+                                         seq_s=f"{last['seq_per_s']:.0f}", refresh=False)
                 if run.stop_at_eval_loss is not None and last.get("eval_mlm_loss", math.inf) <= run.stop_at_eval_loss:
                     # The evaluation is all-reduced, so every rank stops at the same step.
                     self._log(f"step {self.step}: held-out MLM loss {last['eval_mlm_loss']:.4f} <= "
@@ -414,6 +428,22 @@ class Trainer:
                            self.run.output_dir / "final")
         if dist.is_initialized():
             dist.barrier()
+
+
+ESTIMATE_AFTER_STEPS = 5  # steps after the first one whose time estimates the phase
+
+
+def estimate_phase_time(steps_left: int, steps_timed: int, seconds: float, row: dict) -> str:
+    """The start-up estimate of the rest of the phase from the first steps' throughput."""
+    per_step = seconds / max(1, steps_timed)
+    left = per_step * steps_left
+    hours, rem = divmod(int(left), 3600)
+    seq_per_s = row["global_batch_size"] / per_step
+    text = (f"throughput over steps 2-{steps_timed + 1}: {per_step * 1000:.0f} ms/step, {seq_per_s:.1f} seq/s "
+            f"({seq_per_s * row['tokens_per_s'] / row['seq_per_s']:.0f} tokens/s")
+    if "mfu" in row:
+        text += f", MFU {row['mfu']:.1%}"
+    return text + f"); the remaining {steps_left} steps take about {hours}h{rem // 60:02d}m (progress bar: ETA)"
 
 
 def _progress_bar(total: int, initial: int, phase: int):
