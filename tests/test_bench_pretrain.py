@@ -131,3 +131,26 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "| tiny | 128 | lbllm |" in (tmp_path / "gc" / "bench.md").read_text()
     assert " passed" in (tmp_path / "gc" / "exactness.txt").read_text()
     assert (tmp_path / "gc" / "optim.txt").read_text().strip()
+
+
+def test_exact_compiled_model_trains_like_the_eager_one(tiny_data, tmp_path):
+    """--compile (DeepSpeed's engine.compile): the same losses step by step, and the
+    checkpoint/export names unchanged (the final HF model loads)."""
+    from helpers import write_ds_config
+    from lbllm.utils import read_jsonl
+    from test_pretrain import pretrain
+
+    cfg = write_ds_config(tmp_path / "ds.json", zero_optimization={"stage": 1})
+    pretrain(tiny_data, tmp_path / "eager", cfg, "--max_steps", "3", "--dropout", "0")
+    proc = pretrain(tiny_data, tmp_path / "compiled", cfg, "--max_steps", "3", "--dropout", "0",
+                    "--compile", "aot_eager")
+    assert "torch.compile: backend aot_eager" in proc.stderr
+    a, b = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("eager", "compiled"))
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=0)
+    from transformers import AutoModelForPreTraining
+
+    AutoModelForPreTraining.from_pretrained(tmp_path / "compiled" / "final")
+    bad = pretrain(tiny_data, tmp_path / "bad", cfg, "--compile", "fastest", check=False)
+    assert bad.returncode == 2 and "--compile fastest: not a torch.compile backend" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()[-1]) > 0 and not (tmp_path / "bad").exists()

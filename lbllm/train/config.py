@@ -67,6 +67,10 @@ class RunConfig:
     """Evaluate every N consumed samples (0: only after the last step)."""
     eval_batch_size: int | None = None
     """Sequences per evaluation forward (default: the micro-batch size)."""
+    compile: str | None = None
+    """torch.compile the model (DeepSpeed's engine.compile) with this backend: inductor fuses
+    kernels on GPUs; aot_eager only captures the graphs (a cheap check). Parts that fail to
+    compile run eagerly (torch._dynamo suppress_errors)."""
     stop_at_eval_loss: float | None = None
     """Finish the run (checkpoint, export) at the first held-out evaluation with MLM loss <= X
     (steps-to-target studies; needs --eval_data and --eval_interval_samples)."""

@@ -88,6 +88,12 @@ def prepare(run: RunConfig) -> Setup:
             f"--noise_scale_interval {run.noise_scale_interval}: the noise scale compares a micro-batch's gradient "
             f"with the global batch's, but both are {layout.global_batch_size} sequences here; lower "
             "train_micro_batch_size_per_gpu (more gradient accumulation), run on more ranks, or pass 0")
+    if run.compile is not None:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if run.compile not in backends:
+            raise ConfigError(f"--compile {run.compile}: not a torch.compile backend; choose from {', '.join(backends)}")
     check_output_dir(run)
     check_earlier_runs(run, dataset.manifest.tokenizer_fingerprint)
     eval_dataset = None
@@ -173,6 +179,12 @@ class Trainer:
         seed_everything(run.seed)
         configure_cpu_threads()
         self.engine, self.opt = initialize(self.make_model(), s.resolved)
+        if run.compile is not None:
+            import torch._dynamo
+
+            torch._dynamo.config.suppress_errors = True  # what cannot be compiled runs eagerly
+            self.engine.compile(backend=run.compile)
+            self._log(f"torch.compile: backend {run.compile} (graphs are built during the first steps)")
         self.peak_flops = peak_flops(torch.cuda.get_device_name()) if self.engine.device.type == "cuda" else None
         self.momentum = float(self.opt.param_groups[0].get("momentum", 0.0))  # SGD-type (LARS); 0 for Adam-type
         self.noise = NoiseScaleMonitor(run.noise_scale_interval, s.resolved.zero_stage, layout.micro_batch_size)
