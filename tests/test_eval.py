@@ -53,7 +53,7 @@ def test_heldout_eval_is_the_same_on_one_and_two_ranks(heldout_data, tmp_path, s
     for procs in (1, 2):
         out = tmp_path / f"w{procs}"
         extra = ["--max_steps", "3", "--dropout", "0", "--eval_data", heldout_data / "shards_64h" / "heldout",
-                 "--eval_interval_samples", "16", "--eval_batch_size", "3"]
+                 "--eval_interval_samples", "16", "--eval_batch_size", "3", "--trust_ratio_interval", "2"]
         if procs == 1:
             cfg1 = write_ds_config(tmp_path / "ds1.json", train_batch_size=8, train_micro_batch_size_per_gpu=4,
                                    zero_optimization={"stage": min(stage, 2)})  # ZeRO 3 needs no partner here
@@ -69,6 +69,16 @@ def test_heldout_eval_is_the_same_on_one_and_two_ranks(heldout_data, tmp_path, s
         assert a["eval_samples"] == b["eval_samples"] > 20
         for key in EVAL_KEYS:
             assert b[key] == pytest.approx(a[key], rel=2e-6, abs=1e-7), key
+    # LAMB's trust ratios as logged: the whole model's, by parameter name, on any layout.
+    for a, b in zip(one, two):
+        for key in ("trust_ratio_min", "trust_ratio_median", "trust_ratio_max"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert a["trust_ratio_min"] < a["trust_ratio_max"]
+    assert [("trust_ratios" in r) for r in one] == [False, True, False]
+    layers_one, layers_two = one[1]["trust_ratios"], two[1]["trust_ratios"]
+    assert layers_one.keys() == layers_two.keys() and "model.bert.encoder.layer.0.attention.self.query.weight" in layers_one
+    assert all(layers_two[k] == pytest.approx(v, rel=1e-5) for k, v in layers_one.items())
+    assert min(layers_one.values()) == pytest.approx(one[1]["trust_ratio_min"], rel=1e-6)
     # The model changed between the two evaluations: the figure measures it.
     assert one[1]["eval_mlm_loss"] != one[2]["eval_mlm_loss"]
 

@@ -287,6 +287,7 @@ class Lamb(LayerwiseOptimizer):
         # tensor, without ZeRO, there is nothing to reduce).
         w_sq, u_sq = layout.reduce(w_sq, u_sq)
         ratio = trust_ratio(w_sq, u_sq, group)
+        self._record_ratios(group, ratio)
         # The scalar -lr * r * scale broadcast per parameter.
         torch._foreach_addcmul_(weights, update, layout.broadcast(ratio * (-group["lr"] * scale), params))
 

@@ -120,6 +120,7 @@ class Lars(LayerwiseOptimizer):
             # without ZeRO, there is nothing to reduce).
             w_sq, g_sq = layout.reduce(layout.sq_norms(weights, params), layout.sq_norms(grads, params))
             local = local_ratio(w_sq, g_sq, group)
+            self._record_ratios(group, local)
 
         def add_g_eff_(target: list[Tensor], alpha: float) -> None:
             # target += alpha * local * (g + wd * w), without materialising g_eff (p.grad is

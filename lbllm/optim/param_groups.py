@@ -128,9 +128,36 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     #: Replaced per instance by ``set_layout``; the class default is one tensor per parameter.
     layout: Layout = TENSOR_LAYOUT
 
+    #: Parameter names per group (set by ``create_optimizer`` from a model), for the
+    #: per-layer trust-ratio log; None when built from bare parameters.
+    param_names: list[list[str]] | None = None
+
     def set_layout(self, layout: Layout) -> None:
         """Use ``layout`` for every per-parameter norm, reduction and broadcast from now on."""
         self.layout = layout
+
+    # ---- what the last step did: its trust ratios ---------------------------------------
+    def _record_ratios(self, group: dict[str, Any], ratio: Tensor) -> None:
+        """Keep the ratios the step applied (a device tensor, no copy, no host sync). Kept per
+        group, not reset per ``step()``: ZeRO 1/2 call ``step()`` once per group."""
+        self.__dict__.setdefault("_ratios", {})[id(group)] = ratio.detach()
+
+    def trust_ratios(self) -> tuple[Tensor, list[str] | None] | None:
+        """The last step's per-parameter ratios over all adapted groups (one 1-D tensor, in
+        param-group order) and their parameter names where known; None before a step or
+        when the step adapted nothing. Under ZeRO every rank holds the whole vector (the
+        norms were all-reduced to compute them)."""
+        ratios = self.__dict__.get("_ratios") or {}
+        picked = [(i, ratios[id(g)]) for i, g in enumerate(self.param_groups) if id(g) in ratios]
+        if not picked:
+            return None
+        vector = torch.cat([r.reshape(-1).float() for _, r in picked])
+        names = None
+        if self.param_names is not None:
+            names = [n for i, _ in picked for n in self.param_names[i]]
+            if len(names) != vector.numel():
+                names = None  # some parameters had no gradient: positions are not names
+        return vector, names
 
     # ---- shared plumbing ------------------------------------------------------------
     def _params_with_grads(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:

@@ -129,7 +129,11 @@ def create_optimizer(name: str, params_or_model: nn.Module | Iterable[Any], **kw
             raise ValueError(f"optimizer {record.name!r}: the model has no trainable parameters")
     else:
         params = params_or_model
-    return record.cls(params, **options)
+    opt = record.cls(params, **options)
+    if isinstance(params_or_model, nn.Module) and hasattr(opt, "param_names"):
+        names = {id(p): n for n, p in params_or_model.named_parameters()}
+        opt.param_names = [[names.get(id(p), "?") for p in g["params"]] for g in opt.param_groups]
+    return opt
 
 
 # ---- built-in records ------------------------------------------------------------------

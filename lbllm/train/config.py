@@ -67,6 +67,10 @@ class RunConfig:
     """Evaluate every N consumed samples (0: only after the last step)."""
     eval_batch_size: int | None = None
     """Sequences per evaluation forward (default: the micro-batch size)."""
+    trust_ratio_interval: int = 100
+    """LAMB/LARS: every K optimizer steps also log each parameter's trust ratio
+    (metrics.jsonl `trust_ratios`, a TensorBoard histogram); min / median / max are logged
+    every step (0: only those)."""
     compile: str | None = None
     """torch.compile the model (DeepSpeed's engine.compile) with this backend: inductor fuses
     kernels on GPUs; aot_eager only captures the graphs (a cheap check). Parts that fail to
@@ -116,7 +120,8 @@ class RunConfig:
             bad = True
         if bad:
             raise ConfigError(f"--inject_nan_at_steps {self.inject_nan_at_steps!r}: give steps >= 1 as 5,6")
-        for name in ("save_interval", "save_interval_minutes", "keep_last", "max_consecutive_skips"):
+        for name in ("save_interval", "save_interval_minutes", "keep_last", "max_consecutive_skips",
+                     "trust_ratio_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")
         if not self.deepspeed_config.is_file():

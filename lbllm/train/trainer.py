@@ -321,11 +321,27 @@ class Trainer:
         extra = {"skipped_steps": self.skips.total}
         if grad_norm is not None:
             extra["grad_norm"] = float(grad_norm)
+        if not self.skips.last_skipped:
+            extra.update(self._trust_ratio_stats(b.step))
         if sq_small is not None and not self.skips.last_skipped and (sq_big is not None or grad_norm is not None):
             sq_big = float(grad_norm) ** 2 if sq_big is None else sq_big
             # McCandlish et al. 2018: B_simple = tr(Sigma) / |G|^2 from the two batch sizes.
             extra.update(self.noise.update(sq_small, b.global_batch_size, sq_big))
         return StepStats.from_vector(totals), extra
+
+    def _trust_ratio_stats(self, step: int) -> dict:
+        """Min / median / max of the trust ratios the step applied (LAMB, LARS), and every
+        `trust_ratio_interval` steps each parameter's; from the values the step computed."""
+        got = self.opt.trust_ratios() if hasattr(self.opt, "trust_ratios") else None
+        if got is None:
+            return {}
+        ratios, names = got
+        lo, mid, hi = torch.stack([ratios.min(), ratios.median(), ratios.max()]).tolist()
+        out = {"trust_ratio_min": lo, "trust_ratio_median": mid, "trust_ratio_max": hi}
+        every = self.run.trust_ratio_interval
+        if every and step % every == 0:
+            out["trust_ratios"] = dict(zip(names or [str(i) for i in range(ratios.numel())], ratios.tolist()))
+        return out
 
     def record(self, b: StepBatch, stats: StepStats, extra: dict, lr: float, seconds: float) -> dict:
         """One metrics.jsonl record (held-out evaluation included when due)."""
