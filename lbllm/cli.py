@@ -1,7 +1,8 @@
 """Command-line flags generated from a config dataclass, so each option, its default and
 its help are written once: on the field (`name: type = default` followed by a docstring).
 
-`choices` come from the field's metadata (`field(default=..., metadata={"choices": ...})`);
+`choices` (and `nargs` / `const`) come from the field's metadata
+(`field(default=..., metadata={"choices": ...})`);
 a field without a default is a required flag; `X | None` is an optional X.
 """
 from __future__ import annotations
@@ -58,8 +59,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: Co
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = typ
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
+        for key in ("choices", "nargs", "const"):
+            if key in f.metadata:
+                kw[key] = f.metadata[key]
         parser.add_argument(f"--{f.name}", **kw)
 
 

@@ -25,9 +25,20 @@ def test_single_process_run_writes_metrics_and_hf_model(tiny_data, tmp_path):
 
     cfg = write_ds_config(tmp_path / "ds.json")
     out = tmp_path / "out"
-    pretrain(tiny_data, out, cfg, "--max_steps", "3")
+    pretrain(tiny_data, out, cfg, "--max_steps", "3", "--tensorboard", "--trust_ratio_interval", "2")
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # --tensorboard alone: OUT/tensorboard holds the same figures as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0})
+    board.Reload()
+    loss = board.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert {"schedule/lr", "speed/seq_per_s", "trust_ratio/trust_ratio_median", "train/mlm_acc"} <= set(
+        board.Tags()["scalars"])
+    assert [e.step for e in board.Histograms("trust_ratio/per_parameter")] == [2]
     assert all(REQUIRED <= r.keys() for r in rows)
     assert [r["samples"] for r in rows] == [8, 16, 24]
     assert all(r["tokens_per_s"] == pytest.approx(64 * r["seq_per_s"]) and "mfu" not in r for r in rows)  # CPU

@@ -67,6 +67,8 @@ class RunConfig:
     """Evaluate every N consumed samples (0: only after the last step)."""
     eval_batch_size: int | None = None
     """Sequences per evaluation forward (default: the micro-batch size)."""
+    tensorboard: Path | None = field(default=None, metadata={"nargs": "?", "const": ""})
+    """Also write TensorBoard event files to this dir (the flag alone: OUTPUT_DIR/tensorboard)."""
     trust_ratio_interval: int = 100
     """LAMB/LARS: every K optimizer steps also log each parameter's trust ratio
     (metrics.jsonl `trust_ratios`, a TensorBoard histogram); min / median / max are logged
@@ -89,7 +91,10 @@ class RunConfig:
         return frozenset(int(x) for x in self.inject_nan_at_steps.split(",") if x.strip())
 
     def __post_init__(self) -> None:
-        for name in ("deepspeed_config", "data_dir", "output_dir", "tokenizer", "init_checkpoint", "eval_data"):
+        if self.tensorboard == "":
+            self.tensorboard = Path(self.output_dir) / "tensorboard"
+        for name in ("deepspeed_config", "data_dir", "output_dir", "tokenizer", "init_checkpoint", "eval_data",
+                     "tensorboard"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))

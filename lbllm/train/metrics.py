@@ -1,4 +1,5 @@
-"""metrics.jsonl: one JSON object per optimizer step, written by rank 0."""
+"""metrics.jsonl: one JSON object per optimizer step, written by rank 0; optionally the
+same rows as TensorBoard event files."""
 from __future__ import annotations
 
 import json
@@ -50,3 +51,52 @@ class MetricsWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+# metrics.jsonl field -> TensorBoard tag (the rest go under "other/")
+_TB_GROUPS = (("eval_", "heldout/"), ("trust_ratio_", "trust_ratio/"), ("grad_noise", "noise/"),
+              ("sgd_noise", "noise/"), ("grad_sqnorm", "noise/"), ("seq_per_s", "speed/"), ("tokens_per_s", "speed/"),
+              ("mfu", "speed/"), ("step_time", "speed/"), ("loss", "train/"), ("mlm_", "train/"), ("nsp_", "train/"),
+              ("lr", "schedule/"), ("global_batch", "schedule/"), ("samples", "schedule/"), ("epoch", "schedule/"),
+              ("grad_norm", "train/"))
+
+
+def tensorboard_tag(key: str) -> str:
+    for prefix, group in _TB_GROUPS:
+        if key.startswith(prefix):
+            return group + key
+    return "other/" + key
+
+
+class TensorBoardWriter:
+    """Each metrics row as TensorBoard scalars at its step (held-out metrics, LR, batch,
+    gradient norm, noise scales, throughput, trust-ratio spread) and, where the row has
+    them, the per-parameter trust ratios as a histogram. Rank 0 only. On resume, events
+    after the resumed step are dropped (``purge_step``), as metrics.jsonl is cut back."""
+
+    def __init__(self, log_dir: Path | None, enabled: bool = True, resume_step: int | None = None):
+        self._tb = None
+        if log_dir is None or not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, record: dict) -> None:
+        if self._tb is None:
+            return
+        step = int(record["step"])
+        for key, value in record.items():
+            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            self._tb.add_scalar(tensorboard_tag(key), value, step)
+        layers = record.get("trust_ratios")
+        if layers:
+            import torch
+
+            self._tb.add_histogram("trust_ratio/per_parameter", torch.tensor(list(layers.values())), step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -39,7 +39,7 @@ from lbllm.train.engine import (
 )
 from lbllm.model.flops import peak_flops, training_flops_per_sequence
 from lbllm.train.eval import due, evaluate_mlm
-from lbllm.train.metrics import MetricsWriter
+from lbllm.train.metrics import MetricsWriter, TensorBoardWriter
 from lbllm.train.nonfinite import NonFiniteSteps
 from lbllm.train.preemption import PreemptionGuard
 from lbllm.train.prefetch import StepBatch, StepLoader
@@ -382,8 +382,9 @@ class Trainer:
         run, s = self.run, self.s
         self.build()
         sampler = self.restore()
-        metrics = MetricsWriter(run.output_dir / "metrics.jsonl", enabled=self.is_main,
-                                resume_step=self.step if self.step > 0 else None)
+        resume_step = self.step if self.step > 0 else None
+        metrics = MetricsWriter(run.output_dir / "metrics.jsonl", enabled=self.is_main, resume_step=resume_step)
+        board = TensorBoardWriter(run.tensorboard, enabled=self.is_main, resume_step=resume_step)
         sampler_state = sampler.state_dict()  # before the loader starts moving the sampler ahead
         loader = StepLoader(s.dataset, sampler, self.batch_size_at, self.step + 1, s.max_steps,
                             pin_memory=self.engine.device.type == "cuda")
@@ -403,6 +404,7 @@ class Trainer:
                 self.step, self.consumed, sampler_state = b.step, self.consumed + b.global_batch_size, b.sampler_state
                 last = self.record(b, stats, extra, lr, time.perf_counter() - t0)
                 metrics.write(last)
+                board.write(last)
                 self.skips.raise_if_stuck(self.step)
                 if self.step == first_step + ESTIMATE_AFTER_STEPS:
                     self._log(estimate_phase_time(s.max_steps - self.step, self.step - first_step,
@@ -434,6 +436,7 @@ class Trainer:
             if progress is not None:
                 progress.close()
             metrics.close()
+            board.close()
         if preempted is not None:
             if dist.is_initialized():
                 dist.barrier()
