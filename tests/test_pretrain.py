@@ -39,6 +39,12 @@ def test_single_process_run_writes_metrics_and_hf_model(tiny_data, tmp_path):
     assert {"schedule/lr", "speed/seq_per_s", "trust_ratio/trust_ratio_median", "train/mlm_acc"} <= set(
         board.Tags()["scalars"])
     assert [e.step for e in board.Histograms("trust_ratio/per_parameter")] == [2]
+    # scripts/plot_run.py draws it (and a second run overlaid: here the same one)
+    png = tmp_path / "plots" / "run.png"
+    run_cli(sys.executable, "scripts/plot_run.py", out, out, "--names", "a,b", "--out", png, "--x", "step")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run_cli(sys.executable, "scripts/plot_run.py", tmp_path / "nowhere", "--out", tmp_path / "x.png", check=False)
+    assert bad.returncode == 2 and "no metrics.jsonl" in bad.stderr and not (tmp_path / "x.png").exists()
     assert all(REQUIRED <= r.keys() for r in rows)
     assert [r["samples"] for r in rows] == [8, 16, 24]
     assert all(r["tokens_per_s"] == pytest.approx(64 * r["seq_per_s"]) and "mfu" not in r for r in rows)  # CPU
