@@ -91,6 +91,9 @@ def test_stop_at_eval_loss_finishes_at_the_first_evaluation_below(heldout_data, 
     extra = ["--dropout", "0", "--eval_data", heldout_data / "shards_64h" / "heldout", "--eval_interval_samples", "8"]
     full = pretrain(heldout_data, tmp_path / "full", cfg, *extra, shards="shards_64h")
     assert "throughput over steps 2-6:" in full.stderr and "the remaining 0 steps take about" in full.stderr
+    # no terminal: plain progress lines (6 steps / 50 -> every step), and the run described at start
+    assert "step 3/6 | loss" in full.stderr and "ETA" in full.stderr
+    assert "precision fp32 | data" in full.stderr and "6 steps x batch = 48 samples" in full.stderr
     losses = [r["eval_mlm_loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
     assert len(losses) == 6
     target = sorted(losses)[2]  # reached somewhere before the end

@@ -69,6 +69,9 @@ class RunConfig:
     """Sequences per evaluation forward (default: the micro-batch size)."""
     tensorboard: Path | None = field(default=None, metadata={"nargs": "?", "const": ""})
     """Also write TensorBoard event files to this dir (the flag alone: OUTPUT_DIR/tensorboard)."""
+    log_interval: int = 0
+    """When stderr is not a terminal (a log file), one progress line every N steps
+    (0: about 50 per phase); on a terminal, rank 0 shows a progress bar."""
     trust_ratio_interval: int = 100
     """LAMB/LARS: every K optimizer steps also log each parameter's trust ratio
     (metrics.jsonl `trust_ratios`, a TensorBoard histogram); min / median / max are logged
@@ -126,7 +129,7 @@ class RunConfig:
         if bad:
             raise ConfigError(f"--inject_nan_at_steps {self.inject_nan_at_steps!r}: give steps >= 1 as 5,6")
         for name in ("save_interval", "save_interval_minutes", "keep_last", "max_consecutive_skips",
-                     "trust_ratio_interval"):
+                     "trust_ratio_interval", "log_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")
         if not self.deepspeed_config.is_file():

@@ -196,6 +196,7 @@ class Trainer:
             f"{layout.gradient_accumulation_steps} x world {layout.world_size} | ZeRO {s.resolved.zero_stage} | "
             f"grad clip {self.engine.gradient_clipping()} | loss normalization {run.loss_normalization} | "
             f"seq {s.dataset.seq_length} | {len(s.dataset)} samples | {s.max_steps} steps")
+        self._log(self._describe_run())
         if s.resolved.lr_scaling is not None:
             self._log("LR scaling: " + s.resolved.lr_scaling.describe(layout.global_batch_size))
         if s.resolved.batch_schedule is not None:
@@ -218,6 +219,27 @@ class Trainer:
                 "deepspeed_config": str(run.deepspeed_config), "init_checkpoint":
                     None if run.init_checkpoint is None else str(run.init_checkpoint),
             })
+
+    def _describe_run(self) -> str:
+        """Precision, data, how many epochs the phase covers, and its LR schedule."""
+        s, ds = self.s, self.s.resolved.ds_config
+        precision = next((k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled")), "fp32")
+        if precision != "fp32" and s.resolved.zero_stage >= 1:
+            precision += " with fp32 master weights"
+        ramp = s.resolved.batch_schedule
+        samples = sum(self.batch_size_at(k) for k in range(1, s.max_steps + 1)) if ramp is not None \
+            else s.max_steps * s.resolved.layout.global_batch_size
+        sched = ds.get("scheduler") or {}
+        params = sched.get("params", {})
+        text = (f"precision {precision} | data {s.run.data_dir} ({len(s.dataset):,} samples) | {s.max_steps} steps x "
+                f"batch = {samples:,} samples = {samples / max(1, len(s.dataset)):.2f} epochs")
+        if sched:
+            text += f" | schedule {sched.get('type')}"
+            if "warmup_num_steps" in params:
+                text += f": warmup {params['warmup_num_steps']} steps"
+            if "total_num_steps" in params:
+                text += f", horizon {params['total_num_steps']} steps"
+        return text
 
     def make_model(self) -> torch.nn.Module:
         """The module DeepSpeed trains (scripts/bench_pretrain.py builds variants of it)."""
@@ -388,7 +410,9 @@ class Trainer:
         sampler_state = sampler.state_dict()  # before the loader starts moving the sampler ahead
         loader = StepLoader(s.dataset, sampler, self.batch_size_at, self.step + 1, s.max_steps,
                             pin_memory=self.engine.device.type == "cuda")
-        progress = _progress_bar(s.max_steps, self.step, run.phase) if self.is_main else None
+        tty = sys.stderr.isatty()
+        progress = _progress_bar(s.max_steps, self.step, run.phase) if self.is_main and tty else None
+        every = run.log_interval or max(1, s.max_steps // 50)
         last, t_start, preempted, last_save = {}, time.perf_counter(), None, time.monotonic()
         first_step, t_estimate = self.step + 1, t_start
         guard = PreemptionGuard().__enter__()
@@ -411,6 +435,9 @@ class Trainer:
                                                   time.perf_counter() - t_estimate, last))
                 elif self.step == first_step:
                     t_estimate = time.perf_counter()  # the first step includes start-up costs
+                if self.is_main and not tty and (self.step % every == 0 or self.step == s.max_steps):
+                    self._log(progress_line(self.step, s.max_steps, last, time.perf_counter() - t_start,
+                                            self.step - first_step + 1))
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}", batch=b.global_batch_size,
@@ -459,6 +486,13 @@ class Trainer:
                            self.run.output_dir / "final")
         if dist.is_initialized():
             dist.barrier()
+
+
+def progress_line(step: int, total: int, row: dict, elapsed: float, steps_done: int) -> str:
+    """The progress bar's content as one plain line (for log files)."""
+    left = elapsed / max(1, steps_done) * (total - step)
+    return (f"step {step}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.3e} | batch {row['global_batch_size']} | "
+            f"{row['seq_per_s']:.1f} seq/s | elapsed {elapsed / 60:.1f} min | ETA {left / 60:.1f} min")
 
 
 ESTIMATE_AFTER_STEPS = 5  # steps after the first one whose time estimates the phase
