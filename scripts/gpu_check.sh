@@ -29,7 +29,7 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then
   EXACT_DEVICE=cpu; SCIENCE="--smoke"
 else
   DEV=cuda; MODELS=base,large; SEQS=128,512; STEPS=20; WARM=5; OPTIM="--model large --rounds 3 --device cuda"
-  EXACT_DEVICE=cuda; SCIENCE="--gpu"
+  EXACT_DEVICE=cuda; SCIENCE="--gpu --squad_epochs 0"
   "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print("gpu_check:", torch.cuda.get_device_name())'
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 fi
