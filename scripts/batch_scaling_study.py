@@ -386,13 +386,17 @@ def fits(p: Preset, trials: list[dict]) -> dict:
     return out
 
 
+def preset_of(meta: dict) -> Preset:
+    return Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["sizes"].items()})
+
+
 def _f(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
 def render(results: dict) -> str:
     meta, trials, fit = results["meta"], results["trials"], results["fits"]
-    p = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["sizes"].items()})
+    p = preset_of(meta)
     keys = [f"{t:g}" for t in p.targets]
     lines = ["| optimizer | batch | best LR (LRs tried) | " + " | ".join(
         f"steps to {k} | samples to {k} | B_simple at {k}" for k in keys) + " |",
@@ -520,7 +524,15 @@ def plot(results: dict, png: Path) -> bool:
 
 
 def report(out: Path) -> str:
+    """results.md and the PNG from results.json, with each run's readout taken again from its
+    metrics.jsonl (the saved runs are the source; a readout that changed applies to them)."""
     results = json.loads((out / "results.json").read_text())
+    p = preset_of(results["meta"])
+    for r in results["trials"]:
+        metrics = out / "runs" / r["name"] / "train" / "metrics.jsonl"
+        if metrics.is_file():
+            r.update(readout(p, metrics))
+    results["fits"] = fits(p, results["trials"])
     text = render(results)
     (out / "results.md").write_text(text + "\n")
     plot({**results, "_out": str(out)}, out / "batch_scaling_study.png")
