@@ -91,6 +91,7 @@ class Preset:
     heldout_fraction: float = 0.04
     eval_batch_size: int = 128
     jobs: int = 2
+    bf16: bool = False  # bf16 with fp32 master weights (ZeRO 1, as LAMB needs), for GPUs
 
     def budget(self, batch: int) -> int:
         """Samples a run may use before it counts as not reaching the targets."""
@@ -114,7 +115,7 @@ PRESETS = {
                   batches=(64, 256, 1024, 4096, 16384), start_lr={"AdamW": 1e-3, "LAMB": 4e-3},
                   targets=(5.6, 4.5), warmup_samples=16384, eval_interval_samples=16384,
                   min_budget_samples=400000, budget_steps=300, micro_max=1024, ramp_interval_samples=65536,
-                  jobs=1, eval_batch_size=512),
+                  jobs=1, eval_batch_size=512, bf16=True),
     # Seconds per run: the machinery end to end (tests/test_experiment.py).
     "smoke": Preset(model_config="tiny", num_docs=150, vocab_size=800, seq=64, max_predictions=10,
                     batches=(4, 16), start_lr={"AdamW": 1e-3, "LAMB": 4e-3}, targets=(7.5, 6.5),
@@ -143,6 +144,8 @@ def trial_config(p: Preset, t: Trial) -> dict:
     cfg = {"train_batch_size": start, "train_micro_batch_size_per_gpu": p.micro(start),
            "optimizer": {**OPTIMIZERS[t.optimizer], "params": {**OPTIMIZERS[t.optimizer]["params"], "lr": t.lr}},
            "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    if p.bf16:
+        cfg["bf16"], cfg["zero_optimization"] = {"enabled": True}, {"stage": 1}
     warmup = 0 if t.kind == "linear_no_warmup" else math.ceil(p.warmup_samples / start)
     if t.kind == "ramp":
         milestones, steps, seen, batch = [[0, start]], 0, 0, start

@@ -25,6 +25,9 @@ def test_warmup_is_a_fixed_number_of_samples_and_budgets_grow_with_the_batch():
         micro = cfg["train_micro_batch_size_per_gpu"]
         assert batch % micro == 0 and micro < batch  # two batch sizes for the gradient noise scale
     assert CPU.budget(CPU.batches[-1]) == CPU.budget_steps * CPU.batches[-1] > CPU.budget(CPU.batches[0])
+    gpu = bss.trial_config(bss.PRESETS["gpu"], bss.Trial("LAMB", 1024, 1e-3, 0))
+    assert gpu["bf16"] == {"enabled": True} and gpu["zero_optimization"]["stage"] == 1  # LAMB + bf16 needs ZeRO
+    assert "bf16" not in cfg
     goyal = bss.trial_config(CPU, bss.Trial("AdamW", 512, 0.064, 0, "linear_no_warmup"))
     assert goyal["scheduler"]["params"]["warmup_num_steps"] == 0
 
