@@ -46,7 +46,8 @@ def test_batch_ramp_doubles_every_interval_of_samples_up_to_the_largest_batch():
 
 def test_readout_takes_heldout_crossings_and_the_noise_scale_there(tmp_path):
     p = replace(CPU, targets=(5.8, 5.4))
-    rows = [{"step": s, "samples": 32 * s, "loss": 1.0, "grad_noise_scale": 10.0 * s} for s in range(1, 9)]
+    rows = [{"step": s, "samples": 32 * s, "global_batch_size": 32, "loss": 1.0, "grad_noise_scale": 10.0 * s}
+            for s in range(1, 9)]
     for s, loss in ((2, 6.0), (4, 5.7), (6, 5.5), (8, 5.45)):
         rows[s - 1]["eval_mlm_loss"] = loss
     path = tmp_path / "m.jsonl"
@@ -54,7 +55,7 @@ def test_readout_takes_heldout_crossings_and_the_noise_scale_there(tmp_path):
     r = bss.readout(p, path)
     assert r["steps_to_target"] == {"5.8": 4, "5.4": None} and r["samples_to_target"]["5.8"] == 128
     assert r["b_simple_at_target"] == {"5.8": 40.0, "5.4": None}
-    assert r["best_eval_mlm_loss"] == 5.45 == r["final_eval_mlm_loss"]
+    assert r["best_eval_mlm_loss"] == 5.45 == r["final_eval_mlm_loss"] and r["max_batch"] == 32
     # Ranked on the lowest target first: reaching 5.4 at all beats reaching 5.8 sooner.
     slow_but_deep = {"steps_to_target": {"5.8": 90, "5.4": 200}, "best_eval_mlm_loss": 5.3}
     assert bss.rank_key(p, slow_but_deep) < bss.rank_key(p, r)
