@@ -8,6 +8,7 @@ For each model size and sequence length, on the same shards and at the same micr
   lbllm          the project's step: Trainer.train_step on the DeepSpeed engine with LAMB,
                  the sparse MLM head and the prefetching loader on real shards (bf16 with
                  fp32 masters under ZeRO 1 on CUDA, fp32 on CPU).
+  lbllm-packed   the same with --pack_sequences (short samples share rows: what packing buys).
   lbllm-dense    the same with the MLM head over every position (what the sparse head buys).
   lbllm-eager    the same with HF's eager attention instead of SDPA (what SDPA buys).
 
@@ -43,7 +44,7 @@ import torch  # noqa: E402
 from lbllm.model.flops import peak_flops, training_flops_per_sequence  # noqa: E402
 from lbllm.utils import write_json_atomic  # noqa: E402
 
-VARIANTS = ("hf", "lbllm", "lbllm-dense", "lbllm-eager")
+VARIANTS = ("hf", "lbllm", "lbllm-packed", "lbllm-dense", "lbllm-eager")
 BERT_VOCAB = 30522
 
 
@@ -157,7 +158,8 @@ def bench_lbllm(args, device, config, data: Path, seq: int, micro: int, variant:
     tr = BenchTrainer(setup)
     tr.build()
     sampler = tr.restore()
-    loader = StepLoader(setup.dataset, sampler, tr.batch_size_at, 1, setup.max_steps, pin_memory=cuda)
+    loader = StepLoader(setup.dataset, sampler, tr.batch_size_at, 1, setup.max_steps, pin_memory=cuda,
+                        pack=variant == "lbllm-packed")
     times, waits = [], []
     try:
         for step in range(1, setup.max_steps + 1):

@@ -106,11 +106,12 @@ def test_bench_pretrain_runs_on_cpu_and_renders(tiny_data, tmp_path):
                    "--steps", "2", "--warmup", "1", "--data", tiny_data, "--json", out)
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert [r["variant"] for r in rows] == ["hf", "lbllm", "lbllm-dense", "lbllm-eager"]
+    assert [r["variant"] for r in rows] == ["hf", "lbllm", "lbllm-packed", "lbllm-dense", "lbllm-eager"]
     for r in rows:
         assert r["seq_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(64 * r["seq_per_s"])
         assert r["mfu"] is None and r["model"] == "tiny" and r["seq"] == 64 and 0 <= r["data_wait_frac"] < 1
-    assert set(result["speedup_vs_hf"]) == {"tiny/64/lbllm", "tiny/64/lbllm-dense", "tiny/64/lbllm-eager"}
+    assert set(result["speedup_vs_hf"]) == {f"tiny/64/{v}" for v in ("lbllm", "lbllm-packed", "lbllm-dense",
+                                                                     "lbllm-eager")}
     assert "speedup vs hf" in proc.stdout
     table = run_cli(sys.executable, "scripts/bench_pretrain.py", "--render", out).stdout
     assert "| tiny | 64 | lbllm |" in table and "| tiny | 64 | hf |" in table
@@ -154,3 +155,43 @@ def test_exact_compiled_model_trains_like_the_eager_one(tiny_data, tmp_path):
     bad = pretrain(tiny_data, tmp_path / "bad", cfg, "--compile", "fastest", check=False)
     assert bad.returncode == 2 and "--compile fastest: not a torch.compile backend" in bad.stderr
     assert len(bad.stderr.strip().splitlines()[-1]) > 0 and not (tmp_path / "bad").exists()
+
+
+def test_exact_packed_rows_give_the_unpacked_losses(tiny_data):
+    """--pack_sequences: short samples share rows (block-diagonal attention, positions per
+    sample, one CLS each), and the losses and gradients are the unpacked batch's."""
+    from lbllm.data.packing import num_sequences, pack_batch
+
+    ds = PretrainingDataset(tiny_data / "shards_64", tokenizer_dir=tiny_data / "tokenizer")
+    lengths = sorted((int(ds.get_batch([i], epoch=0)["attention_mask"].sum()), i) for i in range(len(ds)))
+    idx = [i for _, i in lengths[:6]] + [i for _, i in lengths[-2:]]  # six short samples and two full ones
+    batch = ds.get_batch(idx, epoch=0)
+    packed = pack_batch(batch)
+    assert packed["input_ids"].shape[0] < len(idx) and num_sequences(packed) == len(idx) == num_sequences(batch)
+    assert int(packed["attention_mask"].sum()) == int(batch["attention_mask"].sum())
+    plain, pack = model_pair()
+    a, ga = losses_and_grads(plain, {k: v.to(DEVICE) for k, v in batch.items()})
+    b, gb = losses_and_grads(pack, {k: v.to(DEVICE) for k, v in packed.items()})
+    assert (a.mlm_count, a.nsp_count, a.mlm_correct, a.nsp_correct) == (b.mlm_count, b.nsp_count, b.mlm_correct,
+                                                                        b.nsp_correct)
+    torch.testing.assert_close(b.mlm_loss_sum, a.mlm_loss_sum, rtol=1e-5, atol=0)
+    torch.testing.assert_close(b.nsp_loss_sum, a.nsp_loss_sum, rtol=1e-5, atol=0)
+    assert_same_grads(ga, gb, 1e-4)
+
+
+def test_exact_pack_sequences_trains_like_unpacked(tiny_data, tmp_path):
+    from helpers import write_ds_config
+    from lbllm.utils import read_jsonl
+    from test_pretrain import pretrain
+
+    # micro-batches of 16: enough short samples to share rows
+    cfg = write_ds_config(tmp_path / "ds.json", zero_optimization={"stage": 2}, train_batch_size=32,
+                          train_micro_batch_size_per_gpu=16)
+    for name, extra in (("plain", []), ("packed", ["--pack_sequences"])):
+        pretrain(tiny_data, tmp_path / name, cfg, "--max_steps", "3", "--dropout", "0", *extra)
+    a, b = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("plain", "packed"))
+    for x, y in zip(a, b):
+        for key in ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
+    # the rows were packed: less padding computed (on this data ~10% of positions are padding)
+    assert sum(y["pad_fraction"] for y in b) < sum(x["pad_fraction"] for x in a)

@@ -97,9 +97,30 @@ class PretrainingModel(nn.Module):
         masked_lm_ids: torch.Tensor,
         masked_lm_weights: torch.Tensor,
         next_sentence_labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        packed_segments: torch.Tensor | None = None,
+        cls_positions: torch.Tensor | None = None,
+        nsp_weights: torch.Tensor | None = None,
     ) -> PretrainingLosses:
-        out = self.model.bert(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
-        sequence_output, pooled_output = out[0], out[1]
+        if packed_segments is None:
+            out = self.model.bert(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+            sequence_output, pooled_output = out[0], out[1]
+            nsp_labels = next_sentence_labels
+        else:
+            # Packed rows (lbllm/data/packing.py): attention only within a sample, positions
+            # restarting per sample, each sample's CLS pooled for NSP.
+            same = (packed_segments[:, :, None] == packed_segments[:, None, :]) & (packed_segments[:, None, :] > 0)
+            dtype = self.model.bert.embeddings.word_embeddings.weight.dtype
+            blocks = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(
+                ~same, torch.finfo(dtype).min)[:, None]
+            out = self.model.bert(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=blocks,
+                                  position_ids=position_ids)
+            sequence_output = out[0]
+            real_cls = nsp_weights > 0
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(cls_positions)
+            pooler = self.model.bert.pooler
+            pooled_output = pooler.activation(pooler.dense(sequence_output[rows[real_cls], cls_positions[real_cls]]))
+            nsp_labels = next_sentence_labels[real_cls]
         real = masked_lm_weights > 0  # [B, P]; padding slots of the prediction list are 0
         batch_index = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(masked_lm_positions)
         if self.sparse_mlm_head:
@@ -111,15 +132,15 @@ class PretrainingModel(nn.Module):
         targets = masked_lm_ids[real]
         mlm_loss_sum = F.cross_entropy(mlm_logits, targets, reduction="sum")
         nsp_logits = self.model.cls.seq_relationship(pooled_output).float()
-        nsp_loss_sum = F.cross_entropy(nsp_logits, next_sentence_labels, reduction="sum")
+        nsp_loss_sum = F.cross_entropy(nsp_logits, nsp_labels, reduction="sum")
         with torch.no_grad():
             mlm_correct = (mlm_logits.argmax(-1) == targets).sum()
-            nsp_correct = (nsp_logits.argmax(-1) == next_sentence_labels).sum()
+            nsp_correct = (nsp_logits.argmax(-1) == nsp_labels).sum()
         return PretrainingLosses(
             mlm_loss_sum=mlm_loss_sum,
             mlm_count=real.sum(),
             mlm_correct=mlm_correct,
             nsp_loss_sum=nsp_loss_sum,
-            nsp_count=torch.tensor(next_sentence_labels.numel(), device=input_ids.device),
+            nsp_count=torch.tensor(nsp_labels.numel(), device=input_ids.device),
             nsp_correct=nsp_correct,
         )

@@ -76,6 +76,9 @@ class RunConfig:
     """LAMB/LARS: every K optimizer steps also log each parameter's trust ratio
     (metrics.jsonl `trust_ratios`, a TensorBoard histogram); min / median / max are logged
     every step (0: only those)."""
+    pack_sequences: bool = False
+    """Pack several short samples into one row (block-diagonal attention, positions per
+    sample): no compute on padding, the same losses as the unpacked batches."""
     compile: str | None = None
     """torch.compile the model (DeepSpeed's engine.compile) with this backend: inductor fuses
     kernels on GPUs; aot_eager only captures the graphs (a cheap check). Parts that fail to

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from lbllm.data import GlobalBatchSampler, PretrainingDataset
+from lbllm.data.packing import pack_batch
 
 
 @dataclass
@@ -41,11 +42,12 @@ class StepLoader:
 
     def __init__(self, dataset: PretrainingDataset, sampler: GlobalBatchSampler,
                  batch_size_at: Callable[[int], int], first_step: int, last_step: int,
-                 pin_memory: bool = False, prefetch: bool = True) -> None:
+                 pin_memory: bool = False, prefetch: bool = True, pack: bool = False) -> None:
         self.dataset, self.sampler = dataset, sampler
         self.batch_size_at = batch_size_at
         self.last_step = last_step
         self.pin_memory = pin_memory
+        self.pack = pack  # several short samples per row (lbllm/data/packing.py)
         self._indices = iter(sampler)
         self._next = first_step
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lbllm-prefetch") if prefetch else None
@@ -62,6 +64,8 @@ class StepLoader:
         for _ in range(self.sampler.gradient_accumulation_steps):
             indices = next(self._indices)
             batch = self.dataset.get_batch(indices, epoch=self.sampler.epoch)  # masks depend on the epoch
+            if self.pack:
+                batch = pack_batch(batch)
             micro.append({k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch)
         return StepBatch(step, batch_size, micro, self.sampler.state_dict())
 

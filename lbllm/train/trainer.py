@@ -37,6 +37,7 @@ from lbllm.train.engine import (
     resolve_config,
     world_size_from_env,
 )
+from lbllm.data.packing import num_sequences
 from lbllm.model.flops import peak_flops, training_flops_per_sequence
 from lbllm.train.eval import due, evaluate_mlm
 from lbllm.train.metrics import MetricsWriter, TensorBoardWriter
@@ -299,7 +300,7 @@ class Trainer:
         per step (a host sync point) on top of the statistics' one.
         """
         counts = torch.tensor([sum(float(b["masked_lm_weights"].sum()) for b in micro),
-                               float(sum(b["input_ids"].shape[0] for b in micro))], dtype=torch.float64)
+                               float(sum(num_sequences(b) for b in micro))], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)
         return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
@@ -340,7 +341,10 @@ class Trainer:
         if dist.is_initialized() and world > 1:
             dist.all_reduce(totals)  # one small all-reduce per step; a host sync point
         grad_norm = engine.get_global_grad_norm()
-        extra = {"skipped_steps": self.skips.total}
+        # The share of computed positions that are padding (what --pack_sequences removes).
+        positions = sum(m["attention_mask"].numel() for m in micro)
+        extra = {"skipped_steps": self.skips.total,
+                 "pad_fraction": 1.0 - sum(float(m["attention_mask"].sum()) for m in micro) / max(1, positions)}
         if grad_norm is not None:
             extra["grad_norm"] = float(grad_norm)
         if not self.skips.last_skipped:
@@ -409,7 +413,7 @@ class Trainer:
         board = TensorBoardWriter(run.tensorboard, enabled=self.is_main, resume_step=resume_step)
         sampler_state = sampler.state_dict()  # before the loader starts moving the sampler ahead
         loader = StepLoader(s.dataset, sampler, self.batch_size_at, self.step + 1, s.max_steps,
-                            pin_memory=self.engine.device.type == "cuda")
+                            pin_memory=self.engine.device.type == "cuda", pack=run.pack_sequences)
         tty = sys.stderr.isatty()
         progress = _progress_bar(s.max_steps, self.step, run.phase) if self.is_main and tty else None
         every = run.log_interval or max(1, s.max_steps // 50)
