@@ -100,38 +100,31 @@ def test_flops_count_the_models_own_parameters():
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("some other card") is None
 
 
-def test_bench_pretrain_runs_on_cpu_and_renders(tiny_data, tmp_path):
-    out = tmp_path / "bench.json"
-    proc = run_cli(sys.executable, "scripts/bench_pretrain.py", "--device", "cpu", "--models", "tiny", "--seqs", "64",
-                   "--steps", "2", "--warmup", "1", "--data", tiny_data, "--json", out)
-    result = json.loads(out.read_text())
-    rows = result["rows"]
-    assert [r["variant"] for r in rows] == ["hf", "lbllm", "lbllm-packed", "lbllm-dense", "lbllm-eager"]
-    for r in rows:
-        assert r["seq_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(64 * r["seq_per_s"])
-        assert r["mfu"] is None and r["model"] == "tiny" and r["seq"] == 64 and 0 <= r["data_wait_frac"] < 1
-    assert set(result["speedup_vs_hf"]) == {f"tiny/64/{v}" for v in ("lbllm", "lbllm-packed", "lbllm-dense",
-                                                                     "lbllm-eager")}
-    assert "speedup vs hf" in proc.stdout
-    table = run_cli(sys.executable, "scripts/bench_pretrain.py", "--render", out).stdout
-    assert "| tiny | 64 | lbllm |" in table and "| tiny | 64 | hf |" in table
-    bad = run_cli(sys.executable, "scripts/bench_pretrain.py", "--variants", "hf,fast", "--data", tiny_data,
-                  check=False)
-    assert bad.returncode != 0 and "unknown --variants" in bad.stderr
-
-
-def test_gpu_check_dry_run_on_cpu(tmp_path):
-    """scripts/gpu_check.sh end to end at CPU size: every command it runs on the H200 exists
-    and accepts its flags."""
+def test_gpu_check_dry_run_on_cpu(tiny_data, tmp_path):
+    """scripts/gpu_check.sh end to end at CPU size (GPU_CHECK_DRY=1): every command it runs on
+    the H200 exists and accepts its flags; its benchmark (scripts/bench_pretrain.py through
+    the real training step, each variant) writes the JSON rows and the markdown table."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", "PYTEST_CURRENT_TEST")}
-    env.update(GPU_CHECK_DRY="1", OUT=str(tmp_path / "gc"), PY=sys.executable)
+    env.update(GPU_CHECK_DRY="1", OUT=str(tmp_path / "gc"), PY=sys.executable, BENCH_DATA=str(tiny_data))
     proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gc" / "bench.json").read_text())
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["hf", "lbllm", "lbllm-packed", "lbllm-dense", "lbllm-eager"]
+    for r in rows:
+        assert r["seq_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(128 * r["seq_per_s"])
+        assert r["mfu"] is None and r["model"] == "tiny" and r["seq"] == 128 and 0 <= r["data_wait_frac"] < 1
+    assert set(result["speedup_vs_hf"]) == {f"tiny/128/{v}" for v in ("lbllm", "lbllm-packed", "lbllm-dense",
+                                                                      "lbllm-eager")}
+    assert "speedup vs hf" in (tmp_path / "gc" / "bench.txt").read_text()
     assert "| tiny | 128 | lbllm |" in (tmp_path / "gc" / "bench.md").read_text()
     assert " passed" in (tmp_path / "gc" / "exactness.txt").read_text()
     assert (tmp_path / "gc" / "optim.txt").read_text().strip()
+    bad = run_cli(sys.executable, "scripts/bench_pretrain.py", "--variants", "hf,fast", "--data", tiny_data,
+                  check=False)
+    assert bad.returncode != 0 and "unknown --variants" in bad.stderr
 
 
 def test_exact_compiled_model_trains_like_the_eager_one(tiny_data, tmp_path):
