@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 from lbllm.data import GlobalBatchSampler, PretrainingDataset
+from lbllm.data.packing import num_sequences
 from lbllm.model import PretrainingModel, StepStats, build_bert_config, build_pretraining_model
+from lbllm.model.flops import peak_flops, training_flops_per_sequence
 from lbllm.optim import describe_param_groups
 from lbllm.train import checkpoint as ckpt
 from lbllm.train import reshard
@@ -37,8 +39,6 @@ from lbllm.train.engine import (
     resolve_config,
     world_size_from_env,
 )
-from lbllm.data.packing import num_sequences
-from lbllm.model.flops import peak_flops, training_flops_per_sequence
 from lbllm.train.eval import due, evaluate_mlm
 from lbllm.train.metrics import MetricsWriter, TensorBoardWriter
 from lbllm.train.nonfinite import NonFiniteSteps
