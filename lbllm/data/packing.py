@@ -17,6 +17,14 @@ from torch import Tensor
 PACKED_KEYS = ("position_ids", "packed_segments", "cls_positions", "nsp_weights")
 
 
+def packing_supported() -> bool:
+    """Packed rows pass a 4-D additive attention mask, which HF BERT takes as given from
+    transformers 5 on (4.x builds its own mask from a 2-D one)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
 def pack_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     mask = batch["attention_mask"]
     n_rows, seq = mask.shape
@@ -70,6 +78,16 @@ def pack_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
             out["nsp_weights"][r, k] = 1.0
             offset += n
     return out
+
+
+def sample_lengths(batch: dict[str, Tensor]) -> Tensor:
+    """The real (non-padding) length of every sample in a batch, packed or not."""
+    if "packed_segments" not in batch:
+        return batch["attention_mask"].sum(1)
+    seg = batch["packed_segments"]
+    per_row = int(batch["nsp_weights"].shape[1])
+    counts = torch.stack([(seg == k + 1).sum(1) for k in range(per_row)], 1)  # [rows, samples per row]
+    return counts[batch["nsp_weights"] > 0]
 
 
 def num_sequences(batch: dict[str, Tensor]) -> int:

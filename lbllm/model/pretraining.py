@@ -109,7 +109,9 @@ class PretrainingModel(nn.Module):
         else:
             # Packed rows (lbllm/data/packing.py): attention only within a sample, positions
             # restarting per sample, each sample's CLS pooled for NSP.
-            same = (packed_segments[:, :, None] == packed_segments[:, None, :]) & (packed_segments[:, None, :] > 0)
+            # Padding (segment 0) attends to padding only, so no query row is fully masked
+            # (that would be NaN-prone in fp16); real tokens never see another segment.
+            same = packed_segments[:, :, None] == packed_segments[:, None, :]
             dtype = self.model.bert.embeddings.word_embeddings.weight.dtype
             blocks = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(
                 ~same, torch.finfo(dtype).min)[:, None]

@@ -154,7 +154,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         vector = torch.cat([r.reshape(-1).float() for _, r in picked])
         names = None
         if self.param_names is not None:
-            names = [n for i, _ in picked for n in self.param_names[i]]
+            positions = getattr(self.layout, "param_positions", [])
+            names = []
+            for i, _ in picked:
+                group = list(self.param_names[i])
+                where = positions[i] if i < len(positions) else {}
+                if where and len(where) == len(group):  # e.g. ZeRO's round-robin order
+                    ordered = [""] * len(group)
+                    for j, name in enumerate(group):
+                        ordered[where[j]] = name
+                    group = ordered
+                names += group
             if len(names) != vector.numel():
                 names = None  # some parameters had no gradient: positions are not names
         return vector, names

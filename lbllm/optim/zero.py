@@ -136,6 +136,9 @@ class PartitionLayout:
     """
 
     kernel_norms = False  # a kernel's per-tensor norms are per *slice* here
+    #: Per param group, original parameter index -> its position in this layout's order
+    #: (ZeRO 1/2 with round_robin_gradients reorder); empty where the order is the group's.
+    param_positions: list[dict[int, int]] = []
 
     def __init__(self, segments: dict[int, ZeroSegments], group: Any, zero_opt: Any) -> None:
         self.segments, self.group, self.zero_opt = segments, group, zero_opt
@@ -275,7 +278,13 @@ class Zero12Layout(PartitionLayout):
             if sum(lengths) != flat.numel():
                 raise RuntimeError(f"ZeRO bookkeeping mismatch in group {i}: {sum(lengths)} != {flat.numel()}")
             segments[id(flat)] = ZeroSegments(ids, lengths, len(zero_opt.round_robin_bit16_groups[i]), pg)
-        return cls(segments, cls._one_group(groups), zero_opt)
+        layout = cls(segments, cls._one_group(groups), zero_opt)
+        # round_robin_gradients reorders each group's parameters: position of every original one.
+        # (DeepSpeed keeps a dict original -> position when it reorders, else range(n)).
+        indices = getattr(zero_opt, "round_robin_bit16_indices", None) or [[] for _ in groups]
+        layout.param_positions = [dict(ix) if isinstance(ix, dict) else {j: k for k, j in enumerate(ix)}
+                                  for ix in indices]
+        return layout
 
 
 class Zero3Layout(PartitionLayout):

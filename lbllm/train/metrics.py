@@ -71,8 +71,9 @@ def tensorboard_tag(key: str) -> str:
 class TensorBoardWriter:
     """Each metrics row as TensorBoard scalars at its step (held-out metrics, LR, batch,
     gradient norm, noise scales, throughput, trust-ratio spread) and, where the row has
-    them, the per-parameter trust ratios as a histogram. Rank 0 only. On resume, events
-    after the resumed step are dropped (``purge_step``), as metrics.jsonl is cut back."""
+    them, the per-parameter trust ratios as a histogram. Rank 0 only. Events of an earlier
+    run in the dir after the resumed step (all of them on a fresh start) are dropped by
+    TensorBoard (``purge_step``), as metrics.jsonl is cut back or rewritten."""
 
     def __init__(self, log_dir: Path | None, enabled: bool = True, resume_step: int | None = None):
         self._tb = None
@@ -80,7 +81,8 @@ class TensorBoardWriter:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+        # A fresh start purges every earlier event in the dir (step >= 1), a resume those after it.
+        self._tb = SummaryWriter(str(log_dir), purge_step=(resume_step or 0) + 1)
 
     def write(self, record: dict) -> None:
         if self._tb is None:

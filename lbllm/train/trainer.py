@@ -89,6 +89,19 @@ def prepare(run: RunConfig) -> Setup:
             f"--noise_scale_interval {run.noise_scale_interval}: the noise scale compares a micro-batch's gradient "
             f"with the global batch's, but both are {layout.global_batch_size} sequences here; lower "
             "train_micro_batch_size_per_gpu (more gradient accumulation), run on more ranks, or pass 0")
+    if run.pack_sequences:
+        from lbllm.data.packing import packing_supported
+
+        if not packing_supported():
+            import transformers
+
+            raise ConfigError(f"--pack_sequences needs transformers >= 5 (4-D attention masks); this is "
+                              f"{transformers.__version__}: upgrade it or run without --pack_sequences")
+    if run.tensorboard is not None:
+        try:  # on every rank, before DeepSpeed starts: a rank that fails later would hang the others
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     if run.compile is not None:
         import torch._dynamo
 
