@@ -27,9 +27,11 @@ The protocol (Shallue et al. 2018; McCandlish et al. 2018; Nado et al. 2021):
 
 Every run is one pretrain_bert.py process (1 rank); `jobs` lanes run side by side (one per
 optimizer), each with cores / jobs threads. Each run's DeepSpeed config, log and metrics
-are kept in OUT/runs/NAME/; a finished run (OUT/runs/NAME/trial.json) is reused, and a run
-that was killed continues from its last checkpoint (--resume auto, checkpoints every few
-minutes). OUT/results.json holds every trial and the fits; OUT/results.md the table;
+are kept in OUT/runs/NAME/; a finished run (OUT/runs/NAME/trial.json) is reused. A run
+that does not finish (killed, preempted, crashed) stops the study; the same command then
+continues that run from its last checkpoint (--resume auto, checkpoints every few minutes)
+and the study after it. OUT/data is made once per preset and seed (data_recipe.json) and
+refused for another; `--data DIR` uses prepared data as it is. OUT/results.json holds every trial and the fits; OUT/results.md the table;
 OUT/batch_scaling_study.png the log-log plot. `--report_only` re-renders those from the
 saved runs.
 
@@ -205,8 +207,12 @@ def rank_key(p: Preset, r: dict) -> tuple:
 # --------------------------------------------------------------------------- running
 
 class Study:
-    def __init__(self, out: Path, data: Path, preset_name: str, p: Preset, seed: int, quiet: bool = False):
+    def __init__(self, out: Path, data: Path, preset_name: str, p: Preset, seed: int, quiet: bool = False,
+                 data_given: bool = False):
         self.out, self.data, self.preset_name, self.p, self.seed = out, data, preset_name, p, seed
+        self.data_given = data_given  # --data: used as it is
+        self.stop = threading.Event()  # a run that failed stops the study (both lanes)
+        self.running: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
         self.t0 = time.perf_counter()
         self.done_runs = 0
@@ -218,11 +224,28 @@ class Study:
     def shards(self) -> Path:
         return self.data / f"shards_{self.p.seq}"
 
+    def data_recipe(self) -> dict:
+        p = self.p
+        return {"num_docs": p.num_docs, "vocab_size": p.vocab_size, "seq": p.seq, "max_predictions": p.max_predictions,
+                "heldout_fraction": p.heldout_fraction, "seed": self.seed}
+
     def prepare_data(self) -> None:
-        if (self.shards() / "heldout" / "manifest.json").is_file() \
-                and (self.data / "tokenizer" / "tokenizer_config.json").is_file():
+        """OUT/data made for this preset and seed (data_recipe.json says how), or --data as it is."""
+        stamp = self.data / "data_recipe.json"
+        ready = (self.shards() / "heldout" / "manifest.json").is_file() \
+            and (self.data / "tokenizer" / "tokenizer_config.json").is_file()
+        if ready and not self.data_given:
+            made = json.loads(stamp.read_text()) if stamp.is_file() else None
+            if made != self.data_recipe():
+                sys.exit(f"batch_scaling_study.py: error: {self.data} was made with {made or 'an unknown recipe'}, "
+                         f"this study needs {self.data_recipe()}; use another --out, delete {self.data}, or pass "
+                         f"--data {self.data} to use it as it is")
+        if ready:
             print(f"=== data: using {self.data}", flush=True)
             return
+        if self.data_given:
+            sys.exit(f"batch_scaling_study.py: error: --data {self.data}: no tokenizer/ and shards_{self.p.seq}/heldout/ "
+                     "there; leave --data out to have the study make its data")
         p = self.p
         self.sh([PY, "data_prep/make_corpus.py", "--out", self.data, "--num_docs", p.num_docs, "--seed", self.seed,
                  "--squad_train", 10, "--squad_dev", 10], "make the synthetic corpus")
@@ -233,6 +256,7 @@ class Study:
                  "--max_seq_length", p.seq, "--max_predictions_per_seq", p.max_predictions, "--dupe_factor", 1,
                  "--workers", 2, "--seed", self.seed, "--heldout_fraction", p.heldout_fraction,
                  "--out", self.shards()], f"seq-{p.seq} shards with a held-out set")
+        write_json_atomic(stamp, self.data_recipe())
 
     def sh(self, cmd: list, title: str, log: Path | None = None) -> int:
         print(f"=== {title}", flush=True)
@@ -240,7 +264,12 @@ class Study:
                    OMP_NUM_THREADS=str(self.threads))
         with open(log, "a") if log else open(os.devnull, "w") as f:
             kw = {"stdout": f, "stderr": subprocess.STDOUT} if log or self.quiet else {}
-            rc = subprocess.call([str(c) for c in cmd], cwd=ROOT, env=env, **kw)
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, **kw)
+            with self.lock:
+                self.running.add(proc)
+            rc = proc.wait()
+            with self.lock:
+                self.running.discard(proc)
         if rc != 0 and log is None:
             sys.exit(f"batch_scaling_study: '{title}' failed (exit {rc})")
         return rc
@@ -277,9 +306,21 @@ class Study:
                "--eval_batch_size", p.eval_batch_size, "--stop_at_eval_loss", min(p.targets),
                "--noise_scale_interval", noise_every, "--save_interval_minutes", 5, "--keep_last", 1,
                *(["--resume", "auto"] if resume else ["--overwrite"])]
+        if self.stop.is_set():
+            raise StudyStopped()
         t_start = time.perf_counter()
         rc = self.sh(cmd, f"{t.name} (batch {t.batch}, lr {t.lr:.3g}{', resumed' if resume else ''})",
                      log=run_dir / "log.txt")
+        # A result: a finished run (stopped at the target or at its budget), or one that
+        # stopped on non-finite numbers (exit 3: diverged). Anything else (killed,
+        # preempted with a checkpoint, crashed) is not recorded and is continued next time.
+        if not ((rc == 0 and (run_dir / "train" / "final" / "config.json").is_file()) or rc == 3):
+            self.stop.set()
+            with self.lock:
+                for other in self.running:
+                    other.terminate()  # SIGTERM: the other lane's run checkpoints and exits
+            raise StudyStopped(f"run {t.name} ended with exit {rc} before finishing (log: {run_dir / 'log.txt'}); "
+                               "run the same command again to continue it and the study from where they stopped")
         return self.finished(t, key, rc, time.perf_counter() - t_start, planned)
 
     def finished(self, t: Trial, key: dict, rc: int, seconds: float, planned: int, note: str = "") -> dict:
@@ -352,13 +393,22 @@ class Study:
         print(f"=== study: {self.planned()}+ runs in {self.p.jobs} lane(s), {self.threads} thread(s) each; logs in "
               f"{self.out}/runs/*/log.txt", flush=True)
         with ThreadPoolExecutor(max_workers=self.p.jobs) as pool:
-            trials = [r for lane in pool.map(self.lane, self.p.optimizers) for r in lane]
+            lanes = [pool.submit(self.lane, opt) for opt in self.p.optimizers]
+            errors = [f.exception() for f in lanes]
+        stopped = [e for e in errors if e is not None]
+        if stopped:
+            sys.exit("batch_scaling_study.py: " + "; ".join(str(e) for e in stopped if str(e)))
+        trials = [r for f in lanes for r in f.result()]
         meta = {"preset": self.preset_name, "sizes": asdict(self.p), "seed": self.seed, "command": command,
                 "data": str(self.shards()), "wall_s": time.perf_counter() - self.t0,
                 "num_samples": json.loads((self.shards() / "manifest.json").read_text())["num_samples"]}
         results = {"meta": meta, "trials": trials, "fits": fits(self.p, trials)}
         write_json_atomic(self.out / "results.json", results)
         print(report(self.out), flush=True)
+
+
+class StudyStopped(Exception):
+    """A run did not finish: the study stops (both lanes) and can be continued."""
 
 
 def lr_at(centre: float, exponent: float) -> float:
@@ -573,7 +623,8 @@ def main(argv=None) -> None:
     if args.no_extras:
         preset = replace(preset, extras=False)
     data = Path(args.data).resolve() if args.data else out / "data"
-    Study(out, data, args.preset, preset, args.seed, quiet=args.quiet).main(" ".join(["python", *sys.argv]))
+    Study(out, data, args.preset, preset, args.seed, quiet=args.quiet, data_given=args.data is not None).main(
+        " ".join(["python", *sys.argv]))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,35 @@ def test_grid_is_extended_past_an_edge_and_centred_by_the_sqrt_rule():
     assert [lr for _, b, lr in capped.asked if b == 8] == [5e-4, 1e-3, 2e-3]
 
 
+def test_a_run_that_does_not_finish_is_not_recorded_and_stops_the_study(tmp_path):
+    """Exit 0 without final/ (preempted: checkpoint written) or a crash: no trial.json, the
+    study stops (to be continued); exit 3 (non-finite numbers: diverged) is a result."""
+    class FakeRuns(bss.Study):
+        def __init__(self, rc, make_final):
+            super().__init__(tmp_path / "out", tmp_path / "data", "smoke", bss.PRESETS["smoke"], seed=0, quiet=True)
+            self.rc, self.make_final = rc, make_final
+
+        def sh(self, cmd, title, log=None):
+            out = cmd[cmd.index("--output_dir") + 1]
+            if self.make_final:
+                (out / "final").mkdir(parents=True, exist_ok=True)
+                (out / "final" / "config.json").write_text("{}")
+            return self.rc
+
+    trial = bss.Trial("AdamW", 4, 1e-3, 0)
+    done = tmp_path / "out" / "runs" / trial.name / "trial.json"
+    for rc, final in ((0, False), (1, False), (-9, False)):
+        study = FakeRuns(rc, final)
+        with pytest.raises(bss.StudyStopped, match=f"exit {rc}"):
+            study.run_trial(trial, 1)
+        assert study.stop.is_set() and not done.exists()
+        with pytest.raises(bss.StudyStopped):  # the other lane starts no new run
+            study.run_trial(bss.Trial("LAMB", 4, 1e-3, 0), 1)
+    assert FakeRuns(3, False).run_trial(trial, 1)["exit_code"] == 3 and done.is_file()
+    done.unlink()
+    assert FakeRuns(0, True).run_trial(trial, 1)["exit_code"] == 0 and done.is_file()
+
+
 def test_fits_use_the_best_lr_per_batch():
     p = replace(CPU, optimizers=("AdamW",), targets=(5.8,))
     trials = [{"optimizer": "AdamW", "batch": b, "best": True, "steps_to_target": {"5.8": 1000 * (1 + 64 / b)}}
@@ -144,3 +173,8 @@ def test_smoke_study_runs_resumes_and_rerenders(tmp_path):
     (out / "results.md").unlink()
     run_cli(sys.executable, "scripts/batch_scaling_study.py", "--report_only", "--out", out)
     assert (out / "results.md").read_text() == table
+
+    # OUT/data was made for this preset and seed: another seed (or preset) refuses it
+    other = run_cli(sys.executable, "scripts/batch_scaling_study.py", "--smoke", "--out", out, "--seed", "1",
+                    check=False)
+    assert other.returncode != 0 and "was made with" in other.stderr and "--data" in other.stderr
