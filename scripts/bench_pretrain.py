@@ -13,9 +13,10 @@ For each model size and sequence length, on the same shards and at the same micr
   lbllm-eager    the same with HF's eager attention instead of SDPA (what SDPA buys).
 
 Each row: sequences/s, tokens/s, MFU, peak memory and the time the step waited for data.
-MFU uses the model FLOPs of lbllm/model/flops.py (6 x encoder parameters x tokens +
-12 x layers x seq^2 x hidden + the MLM head at the predicted positions) against the
-device's dense bf16 peak (H200/H100: 989 TFLOP/s); on CPU it is not reported.
+MFU uses the model FLOPs of lbllm/model/flops.py (6 x encoder parameters x real tokens +
+12 x layers x length^2 x hidden + the MLM head at the predicted positions), the same for
+every variant, against the device's dense bf16 peak (H200/H100 SXM: 989 TFLOP/s); on CPU it
+is not reported.
 
     python scripts/bench_pretrain.py --device cpu --models tiny --seqs 128 --steps 5   # seconds
     python scripts/bench_pretrain.py --models base,large --seqs 128,512 --json out.json  # one GPU
@@ -26,9 +27,9 @@ row, found with the hf variant (the most memory-hungry) and used for all variant
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
-import math
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from lbllm.model.flops import peak_flops, training_flops_per_sequence  # noqa: E402
+from lbllm.model.flops import peak_flops, training_flops  # noqa: E402
 from lbllm.utils import write_json_atomic  # noqa: E402
 
 VARIANTS = ("hf", "lbllm", "lbllm-packed", "lbllm-dense", "lbllm-eager")
@@ -196,11 +197,11 @@ def largest_micro(args, device, config, dataset) -> int:
     return best
 
 
-def row(model: str, seq: int, variant: str, micro: int, result: dict, config, predictions: float,
+def row(model: str, seq: int, variant: str, micro: int, result: dict, flops: float,
         peak: float | None, mem: float | None) -> dict:
+    """One table row; `flops`: model FLOPs of an average sequence of the data (real tokens)."""
     step = sum(result["times"]) / len(result["times"])
     seq_per_s = micro / step
-    flops = training_flops_per_sequence(config, seq, predictions)
     return {"model": model, "seq": seq, "variant": variant, "micro_batch": micro, "seq_per_s": seq_per_s,
             "tokens_per_s": seq_per_s * seq, "mfu": None if peak is None else seq_per_s * flops / peak,
             "model_tflops_per_s": seq_per_s * flops / 1e12, "peak_mem_gb": mem,
@@ -214,6 +215,10 @@ def render(result: dict) -> str:
              "| model | seq | variant | micro | seq/s | tokens/s | MFU | vs hf | peak mem (GB) | data wait |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['seq']} | {r['variant']} | {r['micro_batch']} | {r['error']} "
+                         "| | | | | |")
+            continue
         speed = result["speedup_vs_hf"].get(f"{r['model']}/{r['seq']}/{r['variant']}")
         lines.append(f"| {r['model']} | {r['seq']} | {r['variant']} | {r['micro_batch']} | {r['seq_per_s']:.1f} | "
                      f"{r['tokens_per_s']:.0f} | {'-' if r['mfu'] is None else format(r['mfu'], '.1%')} | "
@@ -263,7 +268,7 @@ def main(argv=None) -> None:
     from lbllm.data import PretrainingDataset
 
     tok_vocab = len(BertTokenizerFast.from_pretrained(str(data / "tokenizer")))
-    peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    peak = peak_flops(torch.cuda.get_device_name() if device.type == "cuda" else None)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"bench_pretrain: device {name}; bf16 peak {peak / 1e12 if peak else '-'} TFLOP/s; "
           f"{args.steps} timed steps after {args.warmup}", flush=True)
@@ -275,37 +280,55 @@ def main(argv=None) -> None:
             if seq > config.max_position_embeddings:
                 continue
             dataset = PretrainingDataset(data / f"shards_{seq}", tokenizer_dir=data / "tokenizer")
-            predictions = float(dataset.get_batch(list(range(min(64, len(dataset)))), epoch=0)["masked_lm_weights"]
-                                .sum()) / min(64, len(dataset))
+            probe = dataset.get_batch(list(range(min(256, len(dataset)))), epoch=0)
+            flops = training_flops(config, probe["attention_mask"].sum(1).tolist(),
+                                   float(probe["masked_lm_weights"].sum())) / probe["input_ids"].shape[0]
             micro = micro_arg or largest_micro(args, device, config, dataset)
             for variant in variants:
                 if device.type == "cuda":
+                    gc.collect()  # the previous variant's engine holds reference cycles
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 args.model_name = model
-                with tempfile.TemporaryDirectory(prefix="bench_run_") as work:
-                    if variant == "hf":
-                        result = bench_hf(args, device, config, dataset, micro)
-                    else:
-                        result = bench_lbllm(args, device, config, data, seq, micro, variant, Path(work))
+                try:
+                    with tempfile.TemporaryDirectory(prefix="bench_run_") as work:
+                        if variant == "hf":
+                            result = bench_hf(args, device, config, dataset, micro)
+                        else:
+                            result = bench_lbllm(args, device, config, data, seq, micro, variant, Path(work))
+                except torch.cuda.OutOfMemoryError as exc:  # a row that does not fit; the others still run
+                    rows.append({"model": model, "seq": seq, "variant": variant, "micro_batch": micro,
+                                 "error": f"out of memory ({str(exc).splitlines()[0][:120]})"})
+                    print(f"  {model:>5} seq {seq:>3} {variant:<12} micro {micro:>4}: out of memory", flush=True)
+                    write_result(args.json, name, peak, rows)
+                    continue
                 mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-                r = row(model, seq, variant, micro, result, config, predictions, peak, mem)
+                r = row(model, seq, variant, micro, result, flops, peak, mem)
                 rows.append(r)
                 mfu = "-" if r["mfu"] is None else format(r["mfu"], ".1%")
                 print(f"  {model:>5} seq {seq:>3} {variant:<12} micro {micro:>4}: {r['seq_per_s']:9.1f} seq/s "
                       f"{r['tokens_per_s']:11.0f} tok/s  MFU {mfu}  data wait {r['data_wait_frac']:.1%}", flush=True)
-    speedup = {}
-    for r in rows:
-        base = next((x for x in rows if x["model"] == r["model"] and x["seq"] == r["seq"] and x["variant"] == "hf"), None)
-        if base and r["variant"] != "hf":
-            speedup[f"{r['model']}/{r['seq']}/{r['variant']}"] = r["seq_per_s"] / base["seq_per_s"]
-    for key, value in speedup.items():
+                write_result(args.json, name, peak, rows)  # row by row: a later failure keeps these
+    for key, value in speedups(rows).items():
         print(f"  speedup vs hf {key}: {value:.2f}x", flush=True)
-    if args.json:
-        write_json_atomic(args.json, {"device": name, "peak_flops": peak, "rows": rows, "speedup_vs_hf": speedup})
     tmp.cleanup()
-    if any(not math.isfinite(r["seq_per_s"]) for r in rows):
+    if any("error" in r for r in rows):
         sys.exit(1)
+
+
+def speedups(rows: list[dict]) -> dict:
+    out = {}
+    for r in rows:
+        base = next((x for x in rows if x["model"] == r["model"] and x["seq"] == r["seq"] and x["variant"] == "hf"
+                     and "error" not in x), None)
+        if base and r["variant"] != "hf" and "error" not in r:
+            out[f"{r['model']}/{r['seq']}/{r['variant']}"] = r["seq_per_s"] / base["seq_per_s"]
+    return out
+
+
+def write_result(path: str | None, device: str, peak: float | None, rows: list[dict]) -> None:
+    if path:
+        write_json_atomic(path, {"device": device, "peak_flops": peak, "rows": rows, "speedup_vs_hf": speedups(rows)})
 
 
 if __name__ == "__main__":

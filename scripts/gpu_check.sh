@@ -39,13 +39,15 @@ if [ "$MODE" = science ]; then
   echo "gpu_check science: done in $(( $(date +%s) - t0 )) s; $OUT/science/results.md"
   exit 0
 fi
+failed=""  # each check runs even when an earlier one failed; the exit code says if any did
 echo "== 1/3 pretraining throughput ($MODELS, seq $SEQS)"
 timeout 250 "$PY" scripts/bench_pretrain.py --device $DEV --models $MODELS --seqs $SEQS --steps $STEPS \
-  --warmup $WARM ${BENCH_DATA:+--data "$BENCH_DATA"} --json "$OUT/bench.json" | tee "$OUT/bench.txt"
-"$PY" scripts/bench_pretrain.py --render "$OUT/bench.json" > "$OUT/bench.md"
+  --warmup $WARM ${BENCH_DATA:+--data "$BENCH_DATA"} --json "$OUT/bench.json" | tee "$OUT/bench.txt" || failed+=" bench"
+[ -f "$OUT/bench.json" ] && "$PY" scripts/bench_pretrain.py --render "$OUT/bench.json" > "$OUT/bench.md"
 echo "== 2/3 exactness of each fast path against the plain path (device $EXACT_DEVICE)"
 LBLLM_TEST_DEVICE=$EXACT_DEVICE timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_bench_pretrain.py -k "$EXACT_TESTS" \
-  2>&1 | tee "$OUT/exactness.txt"
+  2>&1 | tee "$OUT/exactness.txt" || failed+=" exactness"
 echo "== 3/3 LAMB step against the memory-bandwidth floor"
-timeout 80 "$PY" scripts/bench_optim.py $OPTIM 2>&1 | tee "$OUT/optim.txt"
-echo "gpu_check: done in $(( $(date +%s) - t0 )) s; table in $OUT/bench.md"
+timeout 80 "$PY" scripts/bench_optim.py $OPTIM 2>&1 | tee "$OUT/optim.txt" || failed+=" optim"
+echo "gpu_check: done in $(( $(date +%s) - t0 )) s; table in $OUT/bench.md${failed:+; FAILED:$failed}"
+[ -z "$failed" ]

@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names.split(",") if args.names else [p.name for p in args.runs]
     if len(names) != len(args.runs):
         ap.error(f"--names has {len(names)} entries for {len(args.runs)} runs")
+    if len(set(names)) < len(names):  # e.g. a/train b/train: name each by its path instead
+        names = [str(p) for p in args.runs] if not args.names else [f"{n} ({i + 1})" for i, n in enumerate(names)]
     try:
         runs = {name: load_rows(path) for name, path in zip(names, args.runs)}
     except UserError as exc:

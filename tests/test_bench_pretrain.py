@@ -14,7 +14,8 @@ import torch
 from helpers import ROOT, run_cli
 from lbllm.data import PretrainingDataset
 from lbllm.model import PretrainingModel, build_bert_config, build_pretraining_model
-from lbllm.model.flops import encoder_parameters, mlm_head_parameters, peak_flops, training_flops_per_sequence
+from lbllm.model.flops import (encoder_parameters, mlm_head_parameters, peak_flops, training_flops,
+                               training_flops_per_sequence)
 
 DEVICE = torch.device(os.environ.get("LBLLM_TEST_DEVICE", "cpu"))
 
@@ -98,6 +99,11 @@ def test_flops_count_the_models_own_parameters():
     # 6 x 85M x 128 tokens + attention + head: ~7.0e10 per sequence
     assert 6.5e10 < f < 7.5e10
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("some other card") is None
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops(None) is None
+    # real tokens only: two half-length samples cost less attention than one full one, and
+    # padding adds nothing
+    assert training_flops(base, [64, 64], 20) < 2 * training_flops_per_sequence(base, 64, 10) + 1
+    assert training_flops(base, [128], 20) == training_flops_per_sequence(base, 128, 20)
 
 
 def test_gpu_check_dry_run_on_cpu(tiny_data, tmp_path):

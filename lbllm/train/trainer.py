@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 
 from lbllm.data import GlobalBatchSampler, PretrainingDataset
-from lbllm.data.packing import num_sequences
+from lbllm.data.packing import num_sequences, sample_lengths
 from lbllm.model import PretrainingModel, StepStats, build_bert_config, build_pretraining_model
-from lbllm.model.flops import peak_flops, training_flops_per_sequence
+from lbllm.model.flops import peak_flops, training_flops
 from lbllm.optim import describe_param_groups
 from lbllm.train import checkpoint as ckpt
 from lbllm.train import reshard
@@ -199,7 +199,7 @@ class Trainer:
             torch._dynamo.config.suppress_errors = True  # what cannot be compiled runs eagerly
             self.engine.compile(backend=run.compile)
             self._log(f"torch.compile: backend {run.compile} (graphs are built during the first steps)")
-        self.peak_flops = peak_flops(torch.cuda.get_device_name()) if self.engine.device.type == "cuda" else None
+        self.peak_flops = peak_flops(torch.cuda.get_device_name() if self.engine.device.type == "cuda" else None)
         self.momentum = float(self.opt.param_groups[0].get("momentum", 0.0))  # SGD-type (LARS); 0 for Adam-type
         self.noise = NoiseScaleMonitor(run.noise_scale_interval, s.resolved.zero_stage, layout.micro_batch_size)
         self.skips = NonFiniteSteps(run.max_consecutive_skips, fp16=self.engine.fp16_enabled(), is_main=self.is_main)
@@ -391,10 +391,10 @@ class Trainer:
                "step_time_s": seconds, "phase": run.phase,
                # Smith et al. 2018: the SGD noise scale g = lr N / (B (1 - m)).
                "sgd_noise_scale": sgd_noise_scale(lr, len(s.dataset), b.global_batch_size, self.momentum), **extra}
-        if self.peak_flops:  # model FLOPs utilization per device (lbllm/model/flops.py)
-            flops = training_flops_per_sequence(s.bert_config, s.dataset.seq_length,
-                                                stats.mlm_count / b.global_batch_size)
-            row["mfu"] = flops * b.global_batch_size / seconds / (self.peak_flops * s.resolved.layout.world_size)
+        if self.peak_flops:  # model FLOPs utilization of rank 0's device (lbllm/model/flops.py)
+            lengths = torch.cat([sample_lengths(m) for m in b.micro]).tolist()
+            flops = training_flops(s.bert_config, lengths, sum(float(m["masked_lm_weights"].sum()) for m in b.micro))
+            row["mfu"] = flops / seconds / self.peak_flops
         if s.eval_dataset is not None and (self.step == s.max_steps or due(
                 self.consumed - b.global_batch_size, self.consumed, run.eval_interval_samples)):
             row.update(self._evaluate())
