@@ -51,7 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pretrain_bert.py: error: {exc}", file=sys.stderr)
         return 3
+    finally:
+        shutdown_process_group()
     return 0
+
+
+def shutdown_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to interpreter
+    teardown, gloo's threads can abort the process ("terminate called without an active
+    exception") and turn a finished run's exit code into a crash."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
