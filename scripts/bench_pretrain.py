@@ -27,6 +27,7 @@ row, found with the hf variant (the most memory-hungry) and used for all variant
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import glob
 import json
@@ -91,7 +92,7 @@ def bench_hf(args, device, config, dataset, micro: int) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
                             **({"fused": True} if device.type == "cuda" else {}))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     times, waits = [], []
     n = len(dataset)
     for step in range(args.warmup + args.steps):
@@ -118,14 +119,6 @@ def bench_hf(args, device, config, dataset, micro: int) -> dict:
             times.append(time.perf_counter() - t0)
             waits.append(t_data - t0)
     return {"times": times, "waits": waits}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- lbllm's step

@@ -14,9 +14,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-PACKED_KEYS = ("position_ids", "packed_segments", "cls_positions", "nsp_weights")
-
-
 def packing_supported() -> bool:
     """Packed rows pass a 4-D additive attention mask, which HF BERT takes as given from
     transformers 5 on (4.x builds its own mask from a 2-D one)."""
